@@ -1,0 +1,270 @@
+"""Native OpenELM for transformers: no remote code, Apple's parameter names, Apple's numerics.
+
+Module names are exactly the keys of Apple's checkpoints (``transformer.layers.N.attn.qkv_proj`` …), so Apple's
+safetensors load as they are and PEFT targets read as in the tutorial.  Differences from Apple's reference code
+are deliberate and output-preserving:
+
+* RoPE is computed for the ``position_ids`` asked for (no 4,096-entry table, no length cliff), so packed rows and
+  left-padded batches get the right positions;
+* masks come from transformers' ``create_causal_mask`` (no ``[batch, 1, 2048, 2048]`` buffer): plain causal SDPA
+  when nothing is padded, a padding mask otherwise, and a per-document mask for packed rows (position ids that
+  restart mark a new document);
+* keys are cached after RoPE (standard transformers ``Cache``), and the loss is computed in fp32.
+
+Shapes in comments: b = batch, s = new tokens, t = cached + new tokens, h = heads, d = head_dim, D = model_dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+
+from .configuration_openelm import OpenELMConfig
+
+
+class OpenELMRMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the scale, as Apple's reference does."""
+
+    def __init__(self, num_features: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for the given positions, in fp32: ``position_ids [b, s]`` → two ``[b, 1, s, d]`` tensors.
+
+    Computed per call for exactly the positions needed: no cached table, so no maximum length and no buffer
+    to initialise (the model can be built on the meta device).
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim))
+    angles = position_ids[..., None].float() * inv_freq  # [b, s, d/2]
+    angles = torch.cat((angles, angles), dim=-1)[:, None]  # [b, 1, s, d]: Apple's "rotate half" layout
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [b, h, s, d]`` in fp32 (as Apple does, so bf16 runs lose no precision here)."""
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return (x32 * cos + rotated * sin).type_as(x)
+
+
+class OpenELMFeedForwardNetwork(nn.Module):
+    """Per-layer-width FFN; with GLU, ``proj_1`` holds [gate | up] stacked along its output dimension."""
+
+    def __init__(self, config: OpenELMConfig, layer_idx: int):
+        super().__init__()
+        hidden = config.ffn_dim(layer_idx)
+        self.ffn_with_glu = config.ffn_with_glu
+        self.proj_1 = nn.Linear(config.model_dim, 2 * hidden if config.ffn_with_glu else hidden, bias=False)
+        self.proj_2 = nn.Linear(hidden, config.model_dim, bias=False)
+        self.act = ACT2FN[config.activation_fn_name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ffn_with_glu:
+            gate, up = self.proj_1(x).chunk(2, dim=-1)  # each [b, s, hidden]
+            return self.proj_2(self.act(gate) * up)
+        return self.proj_2(self.act(self.proj_1(x)))
+
+
+def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    """Plain matmul-softmax attention with key/value heads repeated, the way Apple's code does it.
+
+    Used when ``attn_implementation="eager"`` (e.g. the tutorial-equivalent benchmark path); transformers' SDPA
+    and flash paths are used otherwise.  Returns ``[b, s, h, d]`` like the other attention interfaces.
+    """
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)  # [b, h, t, d]
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [b, h, s, t]
+    if attention_mask is not None:
+        mask = attention_mask[..., : key.shape[-2]]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+class OpenELMMultiHeadCausalAttention(nn.Module):
+    """Grouped-query attention with a fused qkv projection and optional per-head q/k RMSNorm."""
+
+    def __init__(self, config: OpenELMConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_q_heads = config.num_query_heads[layer_idx]
+        self.num_kv_heads = config.num_kv_heads[layer_idx]
+        # Read by transformers' attention interfaces (SDPA uses native GQA, no key/value copies).
+        self.num_key_value_groups = self.num_q_heads // self.num_kv_heads
+        self.is_causal = True
+        self.scaling = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(config.model_dim, (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
+        if config.normalize_qk_projections:
+            self.q_norm = OpenELMRMSNorm(self.head_dim)
+            self.k_norm = OpenELMRMSNorm(self.head_dim)
+        else:
+            self.q_norm = self.k_norm = None
+        self.out_proj = nn.Linear(self.num_q_heads * self.head_dim, config.model_dim, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None, cache: Cache | None = None, **kwargs) -> torch.Tensor:
+        b, s, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, hq+2hkv, s, d]
+        query, key, value = qkv.split([self.num_q_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)  # [b, hkv, t, d]
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        out, _ = attention(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
+        return self.out_proj(out.reshape(b, s, -1))  # out: [b, s, hq, d]
+
+
+class OpenELMDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config: OpenELMConfig, layer_idx: int):
+        super().__init__()
+        self.attn = OpenELMMultiHeadCausalAttention(config, layer_idx)
+        self.ffn = OpenELMFeedForwardNetwork(config, layer_idx)
+        self.attn_norm = OpenELMRMSNorm(config.model_dim)
+        self.ffn_norm = OpenELMRMSNorm(config.model_dim)
+
+    def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, cache: Cache | None = None, **kwargs) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), rotary, attention_mask, cache, **kwargs)
+        return hidden_states + self.ffn(self.ffn_norm(hidden_states))
+
+
+class OpenELMPreTrainedModel(PreTrainedModel):
+    config_class = OpenELMConfig
+    config: OpenELMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["OpenELMDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the padding/packing checks below are data-dependent
+
+
+class OpenELMModel(OpenELMPreTrainedModel):
+    def __init__(self, config: OpenELMConfig):
+        super().__init__(config)
+        self.token_embeddings = nn.Embedding(config.vocab_size, config.model_dim)
+        self.layers = nn.ModuleList(OpenELMDecoderLayer(config, i) for i in range(config.num_transformer_layers))
+        self.norm = OpenELMRMSNorm(config.model_dim)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.token_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.token_embeddings = value
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                past_key_values: Cache | None = None, **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        if inputs_embeds is None:
+            inputs_embeds = self.token_embeddings(input_ids)  # [b, s, D]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and not (self.gradient_checkpointing and self.training) and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+        past = cache.get_seq_length() if cache is not None else 0
+        seq_len = inputs_embeds.shape[1]
+
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.ndim == 2:
+                # Left padding: real tokens count from 0 whatever the padding in front of them.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+            else:
+                position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device)[None]
+        # transformers looks for packed documents (position ids restarting inside a row) only without a cache
+        # and without a 2D mask.  An empty dynamic cache sizes the mask exactly like no cache, and an all-ones mask
+        # masks nothing (dropping it also lets SDPA run its causal kernel), so neither is handed over.
+        mask_cache = None if past == 0 and isinstance(cache, DynamicCache) else cache
+        if mask_cache is None and attention_mask is not None and attention_mask.ndim == 2 and bool(attention_mask.all()):
+            attention_mask = None
+        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  cache=mask_cache, position_ids=position_ids)
+        rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_freq_constant)
+
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, rotary, attention_mask=mask, cache=cache, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+
+
+class OpenELMForCausalLM(OpenELMPreTrainedModel, GenerationMixin):
+    def __init__(self, config: OpenELMConfig):
+        super().__init__(config)
+        self.transformer = OpenELMModel(config)
+        # Apple's tied checkpoints have no head at all: logits use the embedding weight directly (see forward).
+        self.lm_head = None if config.share_input_output_layers else nn.Linear(config.model_dim, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.transformer.token_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.transformer.token_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def output_weight(self) -> torch.Tensor:
+        """The ``[vocab, D]`` matrix of the output head.
+
+        With shared layers this is ``token_embeddings.weight``.  Under PEFT, a LoRA-wrapped embedding's ``.weight``
+        is its *base* weight, so — exactly as in Apple's ``F.linear(h, token_embeddings.weight)`` — the adapter
+        changes the input embedding but not the head.  Adapters therefore move between the two implementations.
+        """
+        return self.transformer.token_embeddings.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                past_key_values: Cache | None = None, **kwargs) -> CausalLMOutputWithPast:
+        outputs = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   cache=cache if cache is not None else past_key_values,
+                                   inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = F.linear(hidden_states, self.output_weight())  # [b, s, vocab]
+        loss = None
+        if labels is not None:
+            # transformers' causal-LM loss: shifts labels, ignores -100, upcasts logits to fp32, and honours
+            # `num_items_in_batch` so gradient accumulation averages over the whole global batch.
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)

@@ -1,0 +1,145 @@
+"""Behaviour of the native OpenELM on tiny random models: caching, padding, packing, dtypes, long contexts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, GenerationConfig
+
+from tests.helpers import tiny_model
+
+GREEDY = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def greedy_with_cache(model, ids: torch.Tensor, steps: int):
+    """Prefill once, then feed one token at a time through a DynamicCache: tokens and each step's logits."""
+    cache = DynamicCache(config=model.config)
+    logits = model(ids, cache=cache, use_cache=True).logits[:, -1]
+    tokens, step_logits = [], []
+    for _ in range(steps):
+        step_logits.append(logits)
+        nxt = logits.argmax(-1, keepdim=True)
+        tokens.append(nxt)
+        logits = model(nxt, cache=cache, use_cache=True).logits[:, -1]
+    return torch.cat(tokens, 1), torch.stack(step_logits, 1)
+
+
+def greedy_recompute(model, ids: torch.Tensor, steps: int):
+    """The same decode, recomputing the whole sequence at every step (no cache)."""
+    tokens, step_logits = [], []
+    for _ in range(steps):
+        logits = model(ids, use_cache=False).logits[:, -1]
+        step_logits.append(logits)
+        nxt = logits.argmax(-1, keepdim=True)
+        tokens.append(nxt)
+        ids = torch.cat([ids, nxt], 1)
+    return torch.cat(tokens, 1), torch.stack(step_logits, 1)
+
+
+@torch.no_grad()
+def test_kv_cache_decoding_equals_full_recomputation():
+    model = tiny_model()
+    ids = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(1))
+    cached_tokens, cached_logits = greedy_with_cache(model, ids, 12)
+    full_tokens, full_logits = greedy_recompute(model, ids, 12)
+    assert torch.equal(cached_tokens, full_tokens)
+    assert (cached_logits - full_logits).abs().max() <= 1e-4
+    # and transformers' generate() drives the same cache path to the same tokens
+    generated = model.generate(ids, generation_config=GREEDY, max_new_tokens=12)
+    assert torch.equal(generated[:, ids.shape[1]:], full_tokens)
+
+
+@torch.no_grad()
+def test_left_padded_batch_matches_each_prompt_alone():
+    model = tiny_model()
+    prompts = [[1, 5, 9, 17, 33, 40, 41], [1, 7, 8], [1, 60, 61, 62, 63]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    batch_logits = model(ids, attention_mask=mask).logits
+    assert torch.isfinite(batch_logits).all()
+    batch_out = model.generate(ids, attention_mask=mask, generation_config=GREEDY, max_new_tokens=10)
+    for row, prompt in enumerate(prompts):
+        alone = model(torch.tensor([prompt])).logits[0]
+        assert (batch_logits[row, width - len(prompt):] - alone).abs().max() <= 1e-4
+        alone_out = model.generate(torch.tensor([prompt]), generation_config=GREEDY, max_new_tokens=10)
+        assert batch_out[row, width:].tolist() == alone_out[0, len(prompt):].tolist()
+
+
+@torch.no_grad()
+def test_packed_row_equals_documents_alone():
+    model = tiny_model()
+    docs = [[1, 5, 9, 17, 33], [1, 7, 8], [1, 60, 61, 62, 63, 64, 65]]
+    packed = torch.tensor([sum(docs, [])])
+    positions = torch.tensor([sum((list(range(len(d))) for d in docs), [])])
+    logits = model(packed, position_ids=positions).logits[0]
+    start = 0
+    for doc in docs:
+        alone = model(torch.tensor([doc])).logits[0]
+        assert (logits[start:start + len(doc)] - alone).abs().max() <= 1e-4
+        start += len(doc)
+    # Without the restarting positions, the later documents would see the earlier ones: the check can fail.
+    unpacked = model(packed).logits[0]
+    assert (unpacked[5:8] - model(torch.tensor([docs[1]])).logits[0]).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_long_prompt_and_cached_decoding_past_apples_limits():
+    """Apple's code breaks past 2,048 cached / 4,096 prompt tokens; ours takes 8,192 and keeps going."""
+    model = tiny_model(num_transformer_layers=1)
+    ids = torch.randint(3, 96, (1, 8192), generator=torch.Generator().manual_seed(2))
+    cached_tokens, cached_logits = greedy_with_cache(model, ids, 4)
+    full_tokens, full_logits = greedy_recompute(model, ids, 4)
+    assert torch.equal(cached_tokens, full_tokens)
+    assert (cached_logits - full_logits).abs().max() <= 1e-4
+
+
+def test_loss_is_fp32_and_exact_for_bf16_weights():
+    model = tiny_model().to(torch.bfloat16)
+    ids = torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    out = model(ids, labels=labels)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    expected = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, 96), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(out.loss.item() - expected.item()) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 0.25), (torch.float16, 0.05)])
+def test_half_precision_forward_backward_close_to_fp32(dtype, tol):
+    model = tiny_model()
+    ids = torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = model(ids).logits
+    half = tiny_model().to(dtype).train()
+    out = half(ids, labels=ids)
+    out.loss.backward()
+    assert (out.logits.float() - reference).abs().max() <= tol
+    grads = [p.grad for p in half.parameters()]
+    assert all(g is not None and torch.isfinite(g.float()).all() for g in grads)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            assert all(layer.gradient_checkpointing for layer in model.transformer.layers)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))
+
+
+@torch.no_grad()
+def test_untied_head_uses_lm_head():
+    model = tiny_model(share_input_output_layers=False)
+    assert "lm_head.weight" in model.state_dict()
+    ids = torch.tensor([[1, 2, 3]])
+    hidden = model.transformer(ids).last_hidden_state
+    assert torch.allclose(model(ids).logits, hidden @ model.lm_head.weight.T, atol=1e-6)
