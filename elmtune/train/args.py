@@ -1,0 +1,72 @@
+"""Options of ``elmtune data inspect`` and ``elmtune train``: each default is defined here, once.
+
+The defaults are the tutorial's recipe: LoRA r=32, alpha=32, dropout 0.1 on token_embeddings, qkv_proj,
+out_proj, proj_1, proj_2; batch 8 × accumulation 4; lr 1e-4; max length 384; gradient checkpointing; bf16
+where the hardware has it; a checkpoint every 600 steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..data.templates import FIELD_PRESETS, TEMPLATES
+from ..options import opt
+
+TUTORIAL_TARGETS = ["token_embeddings", "qkv_proj", "out_proj", "proj_1", "proj_2"]
+
+
+@dataclass
+class DataOptions:
+    data: list[str] = opt([], "training data: a JSON array file, a JSONL file, a directory of them, or a saved "
+                              "`datasets` folder; repeat the flag for several")
+    tokenizer: str | None = opt(None, "tokenizer directory or hub id (default: the model directory's own)")
+    template: str = opt("openelm-sep", f"prompt template: {', '.join(TEMPLATES)}, or a format string with "
+                                       "{instruction} and {input}")
+    fields: str = opt("en", f"record fields: {', '.join(FIELD_PRESETS)} (en_instruction/en_input/en_output, "
+                            "instruction/input/output) or instruction=KEY,input=KEY,output=KEY")
+    max_length: int = opt(384, "maximum tokens per example (prompt + answer + eos); longer ones are cut")
+    on_bad_record: str = opt("error", "a record with missing/wrong fields or broken JSON: stop with an error, or "
+                                      "skip it and count it", choices=("error", "skip"))
+
+
+@dataclass
+class TrainOptions(DataOptions):
+    model: str = opt("", "base model: a checkpoint directory (Apple's layout), a hub id (org/name or "
+                         "modelscope:org/name), or a preset for random init (openelm-270m, …)")
+    output_dir: str = opt("", "where the adapter, checkpoints, metrics and plots go", short="-o")
+    # LoRA
+    lora_r: int = opt(32, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with --use-rslora)")
+    lora_dropout: float = opt(0.1, "dropout on the LoRA input")
+    lora_targets: list[str] = opt(TUTORIAL_TARGETS, "module names to adapt (repeat the flag; replaces the default)")
+    use_dora: bool = opt(False, "DoRA: weight-decomposed LoRA")
+    use_rslora: bool = opt(False, "rank-stabilised LoRA scaling")
+    quantize: str = opt("none", "4bit: QLoRA with bitsandbytes (needs a CUDA GPU)", choices=("none", "4bit"))
+    # Optimisation
+    epochs: float = opt(3.0, "passes over the training data (ignored when --max-steps is set)")
+    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run --epochs)")
+    batch_size: int = opt(8, "examples per device per micro-batch")
+    grad_accum: int = opt(4, "micro-batches per optimizer step")
+    lr: float = opt(1e-4, "peak learning rate")
+    lr_scheduler: str = opt("linear", "learning-rate schedule",
+                            choices=("linear", "cosine", "constant", "constant_with_warmup"))
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    precision: str = opt("auto", "auto = bf16 where the GPU/CPU supports it, else fp32",
+                         choices=("auto", "bf16", "fp16", "fp32"))
+    gradient_checkpointing: bool = opt(True, "recompute activations in the backward pass to save memory")
+    seed: int = opt(42, "seed for initialisation, data order and dropout")
+    # Validation
+    val_size: float = opt(0.0, "hold out this many examples (≥ 1) or this fraction (< 1) for evaluation")
+    val_file: str | None = opt(None, "evaluation data (same formats as --data) instead of a split")
+    eval_steps: int | None = opt(None, "evaluate every N steps (default: every --save-steps) and at the end")
+    # Outputs
+    save_steps: int = opt(600, "write a resumable checkpoint every N optimizer steps")
+    save_total_limit: int | None = opt(None, "keep only the newest N checkpoints")
+    logging_steps: int = opt(10, "log loss, lr and tokens/s every N steps")
+    tensorboard: bool = opt(False, "also write TensorBoard logs (OUTPUT_DIR/tensorboard)")
+    resume: str | None = opt(None, "continue from a checkpoint: 'auto' (the newest in OUTPUT_DIR) or its path")
+    overwrite: bool = opt(False, "allow writing into an OUTPUT_DIR that already holds another run")
+    dry_run: bool = opt(False, "load config, tokenizer and data, build the model on the meta device, print the "
+                               "plan and exit (no weights allocated)")

@@ -1,0 +1,293 @@
+"""The LoRA fine-tuning recipe behind ``elmtune train``: setup → train → finish.
+
+Training runs on transformers' Trainer (so ``torchrun`` / ``accelerate launch`` work unchanged), with PEFT
+LoRA on our native OpenELM.  Everything a run writes lands in ``output_dir``::
+
+    config.yaml                 the resolved options (flags > YAML > defaults)
+    adapter_config.json         the PEFT adapter, loadable with stock ``PeftModel.from_pretrained``
+    adapter_model.safetensors
+    elmtune.json                template, fields, max length, base model: what inference needs to match training
+    tokenizer.model …           the tokenizer the adapter was trained with
+    checkpoints/checkpoint-N/   resumable state (optimizer, scheduler, RNG, data position)
+    metrics.jsonl, loss.png     the training / evaluation curves
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .. import __version__
+from ..data import DataSpec, EncodeStats, Example, load_examples
+from ..models import PRESETS
+from ..models.loading import load_config
+from ..options import write_yaml
+from ..tokenizer import Tokenizer, load_tokenizer
+from .args import TrainOptions
+from .callbacks import MetricsCallback, ProgressCallback, plot_losses
+from .plan import plan_run
+
+log = logging.getLogger("elmtune")
+METADATA_FILE = "elmtune.json"
+RUN_FILES = ("config.yaml", "adapter_config.json", "metrics.jsonl", "checkpoints")
+# Everything a run writes (and --overwrite removes); other files in the directory are never touched.
+RUN_OUTPUTS = RUN_FILES + ("adapter_model.safetensors", METADATA_FILE, "loss.png", "tensorboard", "README.md")
+
+
+class TrainError(ValueError):
+    """A run that cannot start as asked; the message says why and what to do."""
+
+
+@dataclass
+class Run:
+    options: TrainOptions
+    output_dir: Path
+    tokenizer: Tokenizer
+    spec: DataSpec
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    stats: EncodeStats
+    trainer: Trainer | None = None
+    resume_from: str | None = None
+
+    @property
+    def model(self):
+        return self.trainer.model
+
+
+# ----------------------------------------------------------------------------------------------- setup helpers
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` → bf16 on GPUs that support it and on CPUs with AVX-512-BF16 / AMX, else fp32."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+def check_output_dir(options: TrainOptions) -> Path:
+    if not options.output_dir:
+        raise TrainError("no --output-dir given")
+    out = Path(options.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--output-dir {out}: exists and is not a directory")
+    previous = [name for name in RUN_FILES if (out / name).exists()]
+    if previous and not (options.overwrite or options.resume):
+        raise TrainError(f"--output-dir {out} already holds a run ({', '.join(previous)}); pass --resume auto to "
+                         "continue it, --overwrite to replace it, or choose another directory")
+    if previous and options.overwrite and not options.resume:
+        for name in RUN_OUTPUTS:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise TrainError(f"--output-dir {out}: not writable")
+    return out
+
+
+def find_resume_checkpoint(options: TrainOptions, out: Path) -> str | None:
+    if not options.resume:
+        return None
+    if options.resume == "auto":
+        found = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+        if found is None:
+            log.warning("--resume auto: no checkpoint in %s yet; starting from the beginning", out / "checkpoints")
+        return found
+    path = Path(options.resume).expanduser()
+    if not (path / "trainer_state.json").is_file():
+        raise TrainError(f"--resume {path}: not a checkpoint directory (no trainer_state.json)")
+    return str(path)
+
+
+def split_eval(examples: list[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out ``val_size`` examples (≥ 1) or that fraction (< 1), chosen with ``seed``."""
+    if val_size <= 0:
+        return examples, []
+    count = int(val_size) if val_size >= 1 else max(1, round(val_size * len(examples)))
+    if count >= len(examples):
+        raise TrainError(f"--val-size {val_size} leaves no training examples (only {len(examples)} kept)")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def default_tokenizer(options: TrainOptions) -> str:
+    if options.tokenizer:
+        return options.tokenizer
+    path = Path(options.model).expanduser()
+    if path.is_dir() and any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        return str(path)
+    raise TrainError("no --tokenizer given and the model has none of its own (OpenELM checkpoints ship without "
+                     "one; the tutorial uses Llama-2's: --tokenizer meta-llama/Llama-2-7b-hf or a local copy)")
+
+
+def load_data(options: TrainOptions, tokenizer: Tokenizer, spec: DataSpec):
+    if not options.data:
+        raise TrainError("no --data given")
+    examples, stats = load_examples(options.data, tokenizer, spec, options.on_bad_record)
+    if options.val_file:
+        train_examples, (eval_examples, _) = examples, load_examples([options.val_file], tokenizer, spec,
+                                                                     options.on_bad_record)
+    else:
+        train_examples, eval_examples = split_eval(examples, options.val_size, options.seed)
+    if not train_examples:
+        raise TrainError(f"no usable training examples in {', '.join(options.data)} "
+                         f"({stats.dropped_all_masked} dropped with no answer left, {stats.skipped.count} bad)")
+    return train_examples, eval_examples, stats
+
+
+def build_peft_model(options: TrainOptions, dtype: torch.dtype):
+    from peft import LoraConfig, get_peft_model
+
+    from ..models.loading import load_model
+
+    kwargs = {}
+    if options.quantize == "4bit":
+        kwargs["quantization_config"] = _bnb_4bit_config(options)
+    model = load_model(options.model, dtype=dtype, seed=options.seed, **kwargs)
+    if options.quantize == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
+    lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                      target_modules=list(options.lora_targets), use_dora=options.use_dora,
+                      use_rslora=options.use_rslora, task_type="CAUSAL_LM")
+    torch.manual_seed(options.seed)  # LoRA A matrices are random: the same seed gives the same start
+    return get_peft_model(model, lora)
+
+
+def _bnb_4bit_config(options: TrainOptions):
+    if options.model in PRESETS:
+        raise TrainError("--quantize 4bit quantizes pretrained weights; it cannot be used with a random-init preset")
+    if not torch.cuda.is_available():
+        raise TrainError("--quantize 4bit (QLoRA) needs a CUDA GPU, and none is available here; train without it")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TrainError("--quantize 4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def training_arguments(options: TrainOptions, out: Path, precision: str, has_eval: bool) -> TrainingArguments:
+    eval_steps = options.eval_steps or options.save_steps
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=options.batch_size, per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum, learning_rate=options.lr,
+        num_train_epochs=options.epochs, max_steps=options.max_steps, lr_scheduler_type=options.lr_scheduler,
+        warmup_steps=options.warmup_steps, weight_decay=options.weight_decay, max_grad_norm=options.max_grad_norm,
+        bf16=precision == "bf16", fp16=precision == "fp16",
+        activation_checkpointing=options.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
+        logging_steps=options.logging_steps, save_steps=options.save_steps, save_total_limit=options.save_total_limit,
+        eval_strategy="steps" if has_eval else "no", eval_steps=eval_steps if has_eval else None,
+        report_to=["tensorboard"] if options.tensorboard else [], seed=options.seed, data_seed=options.seed,
+        remove_unused_columns=False, disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), log_level="warning",
+        **({"logging_dir": str(out / "tensorboard")} if options.tensorboard and _has_logging_dir() else {}),
+    )
+
+
+def _has_logging_dir() -> bool:
+    import dataclasses
+
+    return any(f.name == "logging_dir" for f in dataclasses.fields(TrainingArguments))
+
+
+class _Features(torch.utils.data.Dataset):
+    """Examples as the dicts the collator pads."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i].features()
+
+
+def make_collator(tokenizer: Tokenizer) -> DataCollatorForSeq2Seq:
+    """The tutorial's collator: right padding with pad (= eos) ids, labels padded with -100."""
+    tokenizer.hf.padding_side = "right"
+    return DataCollatorForSeq2Seq(tokenizer.hf, padding=True, label_pad_token_id=-100)
+
+
+def metadata(options: TrainOptions, spec: DataSpec, stats: EncodeStats) -> dict:
+    return {"elmtune_version": __version__, "base_model": options.model, "tokenizer": options.tokenizer,
+            "template": spec.template.to_dict(), "fields": vars(spec.fields), "max_length": spec.max_length,
+            "data": stats.summary()}
+
+
+# ----------------------------------------------------------------------------------------------- the recipe
+
+
+def setup(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()) -> Run:
+    """Check everything that can be checked before any weights are loaded, then build the Trainer."""
+    out = check_output_dir(options)
+    load_config(options.model)  # fails fast on a wrong --model, before data is read
+    resume_from = find_resume_checkpoint(options, out)
+    tokenizer = load_tokenizer(default_tokenizer(options))
+    spec = DataSpec.parse(options.template, options.fields, options.max_length)
+    train_examples, eval_examples, stats = load_data(options, tokenizer, spec)
+    run = Run(options, out, tokenizer, spec, train_examples, eval_examples, stats, resume_from=resume_from)
+    write_yaml(options, out / "config.yaml")
+    (out / METADATA_FILE).write_text(json.dumps(metadata(options, spec, stats), indent=2), encoding="utf-8")
+
+    precision = resolve_precision(options.precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    model = build_peft_model(options, dtype)
+    run.trainer = Trainer(
+        model=model, args=training_arguments(options, out, precision, bool(eval_examples)),
+        train_dataset=_Features(train_examples), eval_dataset=_Features(eval_examples) if eval_examples else None,
+        data_collator=make_collator(tokenizer),
+        callbacks=[MetricsCallback(out / "metrics.jsonl"), ProgressCallback(), *callbacks],
+    )
+    run.trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs; metrics.jsonl keeps them
+    return run
+
+
+def finish(run: Run) -> dict:
+    """Final evaluation, the adapter, tokenizer and plot; returns the run's summary."""
+    trainer, out = run.trainer, run.output_dir
+    summary = {"output_dir": str(out), "global_step": trainer.state.global_step, "data": run.stats.summary()}
+    if run.eval_examples:
+        metrics = trainer.evaluate()
+        summary["eval_loss"] = metrics["eval_loss"]
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(out)
+        run.tokenizer.save(out)
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if train_losses:
+        summary["first_loss"], summary["last_loss"] = train_losses[0], train_losses[-1]
+    return summary
+
+
+def train(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()) -> dict:
+    """Run ``elmtune train`` from Python: returns a summary (steps, losses, where the adapter is)."""
+    if options.dry_run:
+        return plan_run(options)
+    run = setup(options, callbacks)
+    run.trainer.train(resume_from_checkpoint=run.resume_from)
+    return finish(run)
