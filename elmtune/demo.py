@@ -31,20 +31,20 @@ class DemoOptions:
                           short="-o")
     train_examples: int = opt(20000, "generated training examples")
     heldout_examples: int = opt(200, "generated held-out examples (word sequences never seen in training)")
-    max_steps: int = opt(1200, "LoRA optimizer steps")
+    max_steps: int = opt(1000, "LoRA optimizer steps")
     seed: int = opt(0, "seed for data, model and training")
     overwrite: bool = opt(True, "replace an earlier demo in --output-dir")
 
 
 def make_task(n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Disjoint train / held-out sets of 3–4 distinct words and their reversal."""
+    """Disjoint train / held-out sets of 3–5 distinct words and their reversal."""
     rng = random.Random(seed)
     seen: set[tuple[str, ...]] = set()
 
     def sample(n: int) -> list[dict]:
         records = []
         while len(records) < n:
-            words = tuple(rng.sample(WORDS, rng.randint(3, 4)))
+            words = tuple(rng.sample(WORDS, rng.randint(3, 5)))
             if words in seen:
                 continue
             seen.add(words)
@@ -65,7 +65,7 @@ def train_tokenizer(records: list[dict], directory: Path) -> None:
     corpus = [r["instruction"] + r["input"] + "<sep>" for r in records] + [r["output"] for r in records]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model, vocab_size=64, model_type="bpe",
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=128, model_type="bpe",
         user_defined_symbols=["<sep>"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         character_coverage=1.0, minloglevel=2, num_threads=1,
     )
@@ -78,10 +78,10 @@ def train_tokenizer(records: list[dict], directory: Path) -> None:
 def build_base_model(vocab_size: int, directory: Path, seed: int) -> None:
     from .models import OpenELMConfig, OpenELMForCausalLM
 
-    config = OpenELMConfig(vocab_size=vocab_size, model_dim=128, head_dim=16, num_transformer_layers=2,
+    config = OpenELMConfig(vocab_size=vocab_size, model_dim=128, head_dim=16, num_transformer_layers=3,
                            num_gqa_groups=2, qkv_multipliers=[0.5, 1.0], ffn_multipliers=[1.0, 2.0],
                            ffn_dim_divisor=64, normalize_qk_projections=True, share_input_output_layers=True,
-                           max_context_length=256)
+                           max_context_length=256, initializer_range=0.1)
     torch.manual_seed(seed)
     OpenELMForCausalLM(config).save_pretrained(directory)
 

@@ -40,3 +40,25 @@ def tiny_model(seed: int = 0, **overrides) -> OpenELMForCausalLM:
             if p.ndim > 1:
                 p.normal_(0.0, 0.3)
     return model.eval()
+
+
+def word_tokenizer(words: str = "a b c d e f g h hi hello say answer x y z 1 2 10") -> "Tokenizer":
+    """A tiny word-level SentencePiece tokenizer (unk 0, bos 1, eos 2), trained in a temp dir: no downloads."""
+    import io
+    import json
+    import tempfile
+
+    import sentencepiece as spm
+
+    from elmtune.tokenizer import load_tokenizer
+
+    directory = Path(tempfile.mkdtemp(prefix="elmtune-tok-"))
+    corpus = [f"{w} <sep>" for w in words.split()] * 3 + [words]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=48,
+                                   model_type="bpe", user_defined_symbols=["<sep>"], unk_id=0, bos_id=1, eos_id=2,
+                                   pad_id=-1, minloglevel=2, num_threads=1)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return load_tokenizer(str(directory))

@@ -189,6 +189,11 @@ def _bnb_4bit_config(options: TrainOptions):
 
 
 def training_arguments(options: TrainOptions, out: Path, precision: str, has_eval: bool) -> TrainingArguments:
+    if options.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise TrainError("--tensorboard needs the tensorboard package: pip install 'elmtune[tensorboard]'") from None
     eval_steps = options.eval_steps or options.save_steps
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
