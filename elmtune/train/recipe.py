@@ -206,17 +206,18 @@ def training_arguments(options: TrainOptions, out: Path, precision: str, has_eva
         activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
         logging_steps=options.logging_steps, save_steps=options.save_steps, save_total_limit=options.save_total_limit,
         eval_strategy="steps" if has_eval else "no", eval_steps=eval_steps if has_eval else None,
-        report_to=["tensorboard"] if options.tensorboard else [], seed=options.seed, data_seed=options.seed,
+        report_to=[], seed=options.seed, data_seed=options.seed,
         remove_unused_columns=False, disable_tqdm=True, include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), log_level="warning",
-        **({"logging_dir": str(out / "tensorboard")} if options.tensorboard and _has_logging_dir() else {}),
     )
 
 
-def _has_logging_dir() -> bool:
-    import dataclasses
+def tensorboard_callback(out: Path) -> TrainerCallback:
+    """transformers' TensorBoard callback, writing to OUTPUT_DIR/tensorboard."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
 
-    return any(f.name == "logging_dir" for f in dataclasses.fields(TrainingArguments))
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "tensorboard")))
 
 
 class _Features(torch.utils.data.Dataset):
@@ -266,7 +267,8 @@ def setup(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()) 
         model=model, args=training_arguments(options, out, precision, bool(eval_examples)),
         train_dataset=_Features(train_examples), eval_dataset=_Features(eval_examples) if eval_examples else None,
         data_collator=make_collator(tokenizer),
-        callbacks=[MetricsCallback(out / "metrics.jsonl"), ProgressCallback(), *callbacks],
+        callbacks=[MetricsCallback(out / "metrics.jsonl"), ProgressCallback(),
+                   *([tensorboard_callback(out)] if options.tensorboard else []), *callbacks],
     )
     run.trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs; metrics.jsonl keeps them
     return run

@@ -182,6 +182,25 @@ def test_cli_writes_the_resolved_config_and_refuses_bad_setups(tiny_run, tmp_pat
     assert main(["train", "-c", str(config), "-o", str(tmp_path / "q"), "--quantize", "4bit"]) == 2
 
 
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"use_rslora": True}])
+def test_lora_variants_train_and_save(tiny_run, tmp_path, variant):
+    model_dir, data = tiny_run
+    out = tmp_path / "out"
+    train(options(model_dir, data, out, max_steps=2, **variant))
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert all(adapter_config[k] == v for k, v in variant.items())
+    if "use_dora" in variant:
+        assert any("lora_magnitude_vector" in k for k in load_file(out / "adapter_model.safetensors"))
+
+
+def test_val_file_and_tensorboard(tiny_run, tmp_path):
+    model_dir, data = tiny_run
+    out = tmp_path / "out"
+    summary = train(options(model_dir, data, out, max_steps=2, val_file=str(data), tensorboard=True))
+    assert summary["eval_loss"] > 0
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+
 def test_qlora_without_gpu_is_a_clear_error(tiny_run, tmp_path):
     model_dir, data = tiny_run
     if torch.cuda.is_available():
