@@ -125,6 +125,167 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_arguments(p: argparse.ArgumentParser, adapter: bool = True) -> None:
+    p.add_argument("--model", "-m", help="base model: checkpoint directory, hub id or preset (default: the base "
+                                        "recorded with the adapter)")
+    if adapter:
+        p.add_argument("--adapter", "-a", help="an `elmtune train` output directory (or any PEFT adapter)")
+    p.add_argument("--tokenizer", help="tokenizer directory or id (default: the adapter's copy, then the model's)")
+    p.add_argument("--template", help="prompt template override (default: the one the adapter was trained with)")
+
+
+def _sampling(args: argparse.Namespace):
+    from .inference import SamplingOptions
+    from .options import resolve
+
+    names = SamplingOptions.__dataclass_fields__
+    return resolve(SamplingOptions, flags={k: v for k, v in vars(args).items() if k in names})
+
+
+def _generate_parser(p: argparse.ArgumentParser) -> None:
+    from .inference import SamplingOptions
+    from .options import add_arguments
+
+    _model_arguments(p)
+    p.add_argument("--prompt", "-p", action="append", help="an instruction to answer (repeatable)")
+    p.add_argument("--input", default="", help="the optional input that goes with a single --prompt")
+    p.add_argument("--prompts", metavar="FILE", help="instructions from a .txt file (one per line) or a .jsonl "
+                                                      "file (records with the training fields, or a 'prompt' key)")
+    p.add_argument("--fields", help="record fields for --prompts JSONL (default: the adapter's)")
+    p.add_argument("--output", "-o", metavar="FILE.jsonl", help="write results here (default: print them)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: 16)")
+    add_arguments(p, SamplingOptions)
+
+
+def _prompt_pairs(args: argparse.Namespace, metadata: dict) -> list[tuple[str, str]]:
+    from pathlib import Path
+
+    from .data import Fields, read_records
+
+    if args.input and len(args.prompt or []) != 1:
+        raise UsageError("--input goes with exactly one --prompt; for several, use a --prompts JSONL file")
+    pairs = [(text, args.input) for text in args.prompt or []]
+    if args.prompts:
+        path = Path(args.prompts)
+        if path.suffix == ".txt":
+            pairs += [(line, "") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            spec = args.fields or (",".join(f"{k}={v}" for k, v in metadata["fields"].items() if v)
+                                   if "fields" in metadata else "en")
+            fields = Fields.parse(spec)
+            for record in read_records([str(path)]):
+                if "prompt" in record.values and isinstance(record.values["prompt"], str):
+                    pairs.append((record.values["prompt"], ""))
+                else:
+                    instruction, input_text, _ = fields.extract(record, with_output=False)
+                    pairs.append((instruction, input_text))
+    if not pairs:
+        raise UsageError("nothing to generate: give --prompt TEXT or --prompts FILE")
+    return pairs
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .inference import complete, load_pipeline
+
+    pipeline = load_pipeline(args.model, args.adapter, args.tokenizer, args.template)
+    pairs = _prompt_pairs(args, pipeline.metadata)
+    results = complete(pipeline, [pipeline.render(i, x) for i, x in pairs], _sampling(args), args.batch_size)
+    lines = [json.dumps({"index": n, **r.to_dict()}, ensure_ascii=False) for n, r in enumerate(results)]
+    if args.output:
+        out = Path(args.output)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(out)
+        print(f"wrote {len(lines)} results to {out}")
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def _chat_parser(p: argparse.ArgumentParser) -> None:
+    from .inference import SamplingOptions
+    from .options import add_arguments
+
+    _model_arguments(p)
+    add_arguments(p, SamplingOptions, include={"max_new_tokens", "temperature", "top_p", "top_k",
+                                               "repetition_penalty", "seed"})
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from .chat import ChatSession, chat_loop
+    from .inference import load_pipeline
+
+    pipeline = load_pipeline(args.model, args.adapter, args.tokenizer, args.template)
+    return chat_loop(ChatSession(pipeline, _sampling(args)))
+
+
+def _merge_parser(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p, adapter=False)
+    p.add_argument("adapter", help="the adapter directory to merge")
+    p.add_argument("--output-dir", "-o", required=True, help="where the standalone model goes")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weight dtype of the merged checkpoint (default: float32)")
+    p.add_argument("--max-shard-size", default="2GB", help="shard the safetensors above this size (default: 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    result = merge(args.adapter, args.output_dir, model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+                   max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(f"merged model written to {result['output_dir']} ({', '.join(result['files'])})"
+          + ("; the embedding was adapted, so the output head is untied (lm_head = base embedding)"
+             if result["untied_head"] else ""))
+    return 0
+
+
+def _export_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a merged (`elmtune merge`) or base model directory")
+    p.add_argument("--output", "-o", required=True, metavar="FILE.gguf", help="the GGUF file to write")
+    p.add_argument("--type", default="f16", choices=("f32", "f16", "q8_0"), help="weight type (default: f16)")
+    p.add_argument("--tokenizer", help="directory with tokenizer.model (default: the model directory)")
+    p.add_argument("--fold-head", action="store_true", help="for a model with its own output head: use the input "
+                                                            "embedding as the head (llama.cpp has no separate one) "
+                                                            "and report the measured logit change")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export_gguf import export_gguf
+
+    result = export_gguf(args.model, args.output, args.type, args.tokenizer, args.fold_head)
+    print(f"wrote {result['output']} ({result['type']}, {result['tensors']} tensors, {result['bytes']:,} bytes)")
+    if "max_logit_change_from_fold" in result:
+        print(f"folding the head changed logits by up to {result['max_logit_change_from_fold']:.4f}")
+    return 0
+
+
+def _eval_parser(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("--data", action="append", required=True, help="held-out records (same formats as train)")
+    p.add_argument("--fields", help="record fields (default: the adapter's)")
+    p.add_argument("--output-dir", "-o", default="eval", help="where eval.json and eval.md go (default: eval)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generation length for the metrics")
+    p.add_argument("--limit", type=int, help="evaluate only the first N records")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run_eval
+
+    if not args.adapter:
+        raise UsageError("--adapter is required: eval compares the base model with base + adapter")
+    report = run_eval(args.data, args.adapter, args.output_dir, args.model, args.tokenizer, args.template,
+                      args.fields, args.max_new_tokens, args.limit)
+    from .evaluate import markdown
+
+    print(markdown(report))
+    print(f"written to {args.output_dir}/eval.json and eval.md")
+    return 0
+
+
 # command → (one-line help, add arguments, run). New commands register here and nowhere else.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "demo": ("the whole pipeline offline in minutes: generated task, tiny OpenELM, LoRA training, accuracy "
@@ -132,6 +293,13 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "train": ("LoRA fine-tune an OpenELM model on instruction data", _train_parser, _run_train),
     "data inspect": ("show what training will see: rendered examples, supervised tokens, statistics",
                      _inspect_parser, _run_inspect),
+    "generate": ("answer one prompt or a file of prompts with a base model (+ adapter), as JSONL",
+                 _generate_parser, _run_generate),
+    "chat": ("interactive terminal chat with streamed replies", _chat_parser, _run_chat),
+    "eval": ("base vs base + adapter on held-out data: answer loss, perplexity, exact match, ROUGE-L",
+             _eval_parser, _run_eval),
+    "merge": ("fold an adapter into its base: a standalone checkpoint in Apple's layout", _merge_parser, _run_merge),
+    "export gguf": ("write a merged or base model as GGUF for llama.cpp / Ollama", _export_parser, _run_export),
     "info": ("show an OpenELM architecture and its parameter count (no weights loaded)", _info_parser, _print_info),
 }
 

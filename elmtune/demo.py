@@ -66,7 +66,7 @@ def train_tokenizer(records: list[dict], directory: Path) -> None:
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_writer=model, vocab_size=128, model_type="bpe",
-        user_defined_symbols=["<sep>"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         character_coverage=1.0, minloglevel=2, num_threads=1,
     )
     (directory / "tokenizer.model").write_bytes(model.getvalue())
@@ -86,13 +86,14 @@ def build_base_model(vocab_size: int, directory: Path, seed: int) -> None:
     OpenELMForCausalLM(config).save_pretrained(directory)
 
 
-def exact_match(model, tokenizer, template, records: list[dict]) -> tuple[float, list[str]]:
-    from .generation import generate_batch
+def exact_match(pipeline, records: list[dict]) -> tuple[float, list[str]]:
+    """Held-out exact match of plain greedy answers."""
+    from .inference import SamplingOptions, complete
 
-    prompts = [template.prompt(r["instruction"], r["input"]) for r in records]
-    answers = generate_batch(model, tokenizer, prompts, max_new_tokens=16, batch_size=64)
-    hits = sum(a.strip() == r["output"] for a, r in zip(answers, records))
-    return hits / len(records), answers
+    prompts = [pipeline.render(r["instruction"], r["input"]) for r in records]
+    results = complete(pipeline, prompts, SamplingOptions(max_new_tokens=16, repetition_penalty=1.0), batch_size=64)
+    answers = [r.output.strip() for r in results]
+    return sum(a == r["output"] for a, r in zip(answers, records)) / len(records), answers
 
 
 def write_jsonl(records: list[dict], path: Path) -> None:
@@ -100,8 +101,7 @@ def write_jsonl(records: list[dict], path: Path) -> None:
 
 
 def run_demo(options: DemoOptions) -> dict:
-    from .data import Template
-    from .models.loading import load_model
+    from .inference import load_pipeline
     from .tokenizer import load_tokenizer
     from .train import TrainOptions, train
 
@@ -124,13 +124,10 @@ def run_demo(options: DemoOptions) -> dict:
         lora_dropout=0.0, precision="fp32", gradient_checkpointing=False, save_steps=options.max_steps,
         logging_steps=25, seed=options.seed))
 
-    template = Template.parse("openelm-sep")
-    model = load_model(str(out / "base-model")).eval()
-    base_acc, _ = exact_match(model, tokenizer, template, heldout)
-    from peft import PeftModel
-
-    adapted = PeftModel.from_pretrained(model, out / "adapter").eval()
-    adapter_acc, answers = exact_match(adapted, tokenizer, template, heldout)
+    pipeline = load_pipeline(adapter=str(out / "adapter"))  # base, tokenizer and template from the adapter
+    with pipeline.model.disable_adapter():
+        base_acc, _ = exact_match(pipeline, heldout)
+    adapter_acc, answers = exact_match(pipeline, heldout)
     result = {"base_exact_match": base_acc, "adapter_exact_match": adapter_acc, "n_heldout": len(heldout),
               "seconds": round(time.time() - start, 1), "train_loss_first": summary.get("first_loss"),
               "train_loss_last": summary.get("last_loss"), "output_dir": str(out)}
@@ -138,7 +135,7 @@ def run_demo(options: DemoOptions) -> dict:
 
     print("\n[demo] samples (held-out):")
     for record, answer in list(zip(heldout, answers))[:5]:
-        mark = "✓" if answer.strip() == record["output"] else "✗"
+        mark = "✓" if answer == record["output"] else "✗"
         print(f"  {mark} {record['input']!r:36} → {answer!r}")
     print(f"\n[demo] held-out exact match: base {base_acc:.1%} → base + adapter {adapter_acc:.1%} "
           f"({len(heldout)} examples, {result['seconds']} s)")

@@ -56,9 +56,31 @@ def word_tokenizer(words: str = "a b c d e f g h hi hello say answer x y z 1 2 1
     corpus = [f"{w} <sep>" for w in words.split()] * 3 + [words]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=48,
-                                   model_type="bpe", user_defined_symbols=["<sep>"], unk_id=0, bos_id=1, eos_id=2,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2,
                                    pad_id=-1, minloglevel=2, num_threads=1)
     (directory / "tokenizer.model").write_bytes(model.getvalue())
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
     return load_tokenizer(str(directory))
+
+
+def train_tiny_adapter(directory: Path, **overrides) -> tuple[Path, Path]:
+    """Train a tiny LoRA adapter for a few steps (tiny model + word tokenizer + generated data) in
+    ``directory``; returns (base model directory, adapter directory)."""
+    import json
+
+    from elmtune.train import TrainOptions, train
+
+    directory = Path(directory)
+    model_dir = directory / "base"
+    tiny_model().save_pretrained(model_dir)
+    word_tokenizer().save(model_dir)
+    words = "a b c d e f g h x y z".split()
+    data = directory / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "say", "input": " ".join(words[i % 9:i % 9 + 2]),
+                                        "output": words[(i * 5) % 11]}) + "\n" for i in range(32)))
+    options = dict(model=str(model_dir), data=[str(data)], fields="zh", output_dir=str(directory / "adapter"),
+                   max_length=32, batch_size=8, grad_accum=1, lr=5e-2, max_steps=4, save_steps=100, logging_steps=1,
+                   precision="fp32", gradient_checkpointing=False, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    train(TrainOptions(**{**options, **overrides}))
+    return model_dir, directory / "adapter"

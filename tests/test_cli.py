@@ -31,3 +31,27 @@ def test_golden_checkpoint_loads_with_stock_auto_class_in_a_fresh_interpreter(go
             "print(type(m).__module__, type(m).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "elmtune.models.openelm OpenELMForCausalLM"
+
+
+def test_generate_merge_export_from_the_command_line(tmp_path, capsys):
+    import json
+
+    from tests.helpers import train_tiny_adapter
+
+    _, adapter = train_tiny_adapter(tmp_path, lora_targets=["qkv_proj", "out_proj", "proj_1", "proj_2"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "say", "input": "a b", "output": "ignored"}\n{"prompt": "say"}\n')
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "-a", str(adapter), "--prompts", str(prompts), "-o", str(out),
+                 "--max-new-tokens", "5"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["saya b<sep>", "say<sep>"]
+    assert all({"output", "prompt_tokens", "completion_tokens", "finish_reason"} <= set(r) for r in rows)
+    assert main(["generate", "-a", str(adapter), "-p", "x", "-p", "y", "--input", "z"]) == 2
+    assert main(["generate", "-a", str(adapter)]) == 2
+    assert "nothing to generate" in capsys.readouterr().err
+
+    assert main(["merge", str(adapter), "-o", str(tmp_path / "merged")]) == 0
+    assert main(["export", "gguf", str(tmp_path / "merged"), "-o", str(tmp_path / "m.gguf"), "--type", "q8_0"]) == 0
+    assert (tmp_path / "m.gguf").stat().st_size > 0
+    assert main(["merge", str(adapter), "-o", str(tmp_path / "merged")]) == 2  # not empty, no --overwrite

@@ -56,10 +56,12 @@ class Fields:
             raise ValueError(f"--fields {spec!r}: instruction=KEY and output=KEY are required")
         return cls(mapping["instruction"], mapping.get("input"), mapping["output"])
 
-    def extract(self, record: Record) -> tuple[str, str, str]:
-        """(instruction, input, output) of a record; a missing or non-string field is a DataError."""
+    def extract(self, record: Record, with_output: bool = True) -> tuple[str, str, str]:
+        """(instruction, input, output) of a record; a missing or non-string field is a DataError.
+        ``with_output=False`` reads prompts only (the output comes back empty)."""
         values = []
-        for role, key in (("instruction", self.instruction), ("input", self.input), ("output", self.output)):
+        output_key = self.output if with_output else None
+        for role, key in (("instruction", self.instruction), ("input", self.input), ("output", output_key)):
             if key is None:
                 values.append("")
                 continue

@@ -1,0 +1,174 @@
+"""Loading a base model (+ adapter) for inference, and batched generation with the training template.
+
+The adapter directory written by ``elmtune train`` carries ``elmtune.json`` (template, fields, base model) and
+its tokenizer, so inference renders prompts exactly as training did unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from .data import Template
+from .options import opt
+from .tokenizer import Tokenizer, load_tokenizer
+
+METADATA_FILE = "elmtune.json"
+
+
+class InferenceError(ValueError):
+    """A model/adapter/tokenizer combination that cannot be used; the message says why."""
+
+
+@dataclass
+class SamplingOptions:
+    max_new_tokens: int = opt(256, "most tokens to generate per prompt")
+    temperature: float = opt(0.0, "sampling temperature; 0 = greedy")
+    top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this probability mass")
+    top_k: int = opt(0, "sample only from the k most likely tokens (0: no limit)")
+    repetition_penalty: float = opt(1.2, "penalise tokens already in the prompt or output (1.0: off; Apple "
+                                          "recommends 1.2 for OpenELM)")
+    seed: int | None = opt(None, "seed for sampling (reproducible outputs)")
+    stop: list[str] = opt([], "stop when the output contains this string (repeatable); it is not returned")
+
+
+@dataclass
+class Pipeline:
+    """A model ready to generate: base (+ adapter), its tokenizer, and the prompt template to use."""
+
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    template: Template
+    metadata: dict = field(default_factory=dict)
+
+    def render(self, instruction: str, input: str = "") -> str:
+        return self.template.prompt(instruction, input)
+
+
+def read_metadata(adapter: str | Path | None) -> dict:
+    if adapter is None:
+        return {}
+    path = Path(adapter) / METADATA_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / n).is_file() for n in ("tokenizer.model", "tokenizer.json"))
+
+
+def load_pipeline(model: str | None = None, adapter: str | None = None, tokenizer: str | None = None,
+                  template: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None) -> Pipeline:
+    """Base model (a directory, hub id or preset) plus an optional adapter directory.
+
+    Without ``model``, the adapter's recorded base model is used; without ``tokenizer``, the adapter's copy,
+    then the model directory's; without ``template``, the adapter's training template (else ``openelm-sep``).
+    """
+    from .models.loading import load_model
+
+    metadata = read_metadata(adapter)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise InferenceError(f"--adapter {adapter}: no adapter_config.json here (expected an `elmtune train` "
+                             "output directory or a PEFT adapter)")
+    model = model or metadata.get("base_model")
+    if not model:
+        raise InferenceError("no --model given (and no adapter metadata naming the base model)")
+    candidates = [tokenizer] if tokenizer else [adapter, model]
+    tokenizer_dir = next((c for c in candidates if c and (tokenizer or _has_tokenizer(Path(c)))), None)
+    if tokenizer_dir is None:
+        raise InferenceError("no tokenizer found with the adapter or the model; pass --tokenizer")
+    chosen = Template.parse(template) if template else (
+        Template(**metadata["template"]) if "template" in metadata else Template.parse("openelm-sep"))
+    net = load_model(model, dtype=dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, adapter)
+    if device:
+        net = net.to(device)
+    return Pipeline(net.eval(), load_tokenizer(tokenizer_dir), chosen, metadata)
+
+
+class MaskedRepetitionPenalty(LogitsProcessor):
+    """The usual repetition penalty, but blind to left padding.
+
+    transformers' version also penalises the pad token wherever a row is padded; with pad = eos that makes a
+    padded prompt less likely to stop than the same prompt alone.  Here each row only counts its own tokens.
+    """
+
+    def __init__(self, penalty: float, pad_lengths: torch.Tensor):
+        self.penalty = penalty
+        self.pad_lengths = pad_lengths  # [b]: left padding of each row
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        own = (torch.arange(input_ids.shape[1], device=input_ids.device)[None] >= self.pad_lengths[:, None])
+        counts = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
+        counts.scatter_add_(1, input_ids, own.to(torch.int32))  # [b, vocab]: occurrences outside the padding
+        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(counts > 0, penalised, scores)
+
+
+@dataclass
+class Completion:
+    prompt: str
+    output: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (eos or a stop string) or "length"
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+@torch.no_grad()
+def complete(pipeline: Pipeline, prompts: list[str], sampling: SamplingOptions | None = None,
+             batch_size: int = 16, streamer=None) -> list[Completion]:
+    """Generate for already-rendered prompts, in left-padded batches (same greedy output as one at a time)."""
+    sampling = sampling or SamplingOptions()
+    tok, model = pipeline.tokenizer, pipeline.model
+    greedy = sampling.temperature <= 0
+    config = GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens, do_sample=not greedy, eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id, **({} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                                                        "top_k": sampling.top_k or None}))
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    device = next(model.parameters()).device
+    head = [tok.bos_id] if tok.bos_id is not None else []
+    encoded = [head + ids for ids in tok.encode(prompts)]
+    results: list[Completion] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk, texts = encoded[start:start + batch_size], prompts[start:start + batch_size]
+        width = max(map(len, chunk))
+        pads = torch.tensor([width - len(c) for c in chunk], device=device)
+        ids = torch.tensor([[tok.pad_id] * (width - len(c)) + c for c in chunk], device=device)
+        mask = (torch.arange(width, device=device)[None] >= pads[:, None]).long()
+        processors = LogitsProcessorList()
+        if sampling.repetition_penalty != 1.0:
+            processors.append(MaskedRepetitionPenalty(sampling.repetition_penalty, pads))
+        extra = {"stop_strings": sampling.stop, "tokenizer": tok.hf} if sampling.stop else {}
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             logits_processor=processors, streamer=streamer, **extra)
+        for prompt, prompt_ids, row in zip(texts, chunk, out[:, width:].tolist()):
+            stopped = tok.eos_id in row
+            if stopped:
+                row = row[: row.index(tok.eos_id)]
+            text, hit = _cut_at_stop(tok.decode(row), sampling.stop)
+            results.append(Completion(prompt, text, len(prompt_ids), len(row), "stop" if stopped or hit else "length"))
+    return results
+
+
+def generate(pipeline: Pipeline, instructions: list[str], inputs: list[str] | None = None,
+             sampling: SamplingOptions | None = None, batch_size: int = 16) -> list[Completion]:
+    """Render each instruction (and optional input) with the pipeline's template, then :func:`complete`."""
+    inputs = inputs or [""] * len(instructions)
+    prompts = [pipeline.render(i, x) for i, x in zip(instructions, inputs)]
+    return complete(pipeline, prompts, sampling, batch_size)
