@@ -286,6 +286,52 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="base model: checkpoint directory, hub id or preset (default: the base "
+                                        "recorded with the first adapter)")
+    p.add_argument("--adapter", "-a", action="append", default=[], metavar="NAME=PATH",
+                   help="serve this adapter under NAME (repeatable); requests pick it with \"model\": NAME")
+    p.add_argument("--tokenizer", help="tokenizer directory or id (default: the adapter's copy, then the model's)")
+    p.add_argument("--template", help="prompt template override (default: the adapters' training template)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every API route "
+                                     "(default: $ELMTUNE_API_KEY if set, else no key)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default: 16)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context)")
+    p.add_argument("--device", help="cuda, cpu, … (default: cuda if available)")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from .serve import build_state, serve
+
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--adapter {item!r}: expected NAME=PATH")
+        if name in adapters:
+            raise UsageError(f"--adapter: the name {name!r} is given twice")
+        adapters[name] = path
+    limits = {"max_tokens_limit": args.max_tokens_limit, "default_max_tokens": args.default_max_tokens}
+    if args.max_prompt_tokens:
+        limits["max_prompt_tokens"] = args.max_prompt_tokens
+    device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    state = build_state(args.model, adapters, args.tokenizer, args.template,
+                        api_key=args.api_key or os.environ.get("ELMTUNE_API_KEY"),
+                        max_batch_size=args.max_batch_size, device=device, **limits)
+    print(f"serving {', '.join(state.model_names)} on http://{args.host}:{args.port}/ "
+          f"(chat page at /, OpenAI API at /v1{', API key required' if state.api_key else ''})")
+    serve(state, args.host, args.port)
+    return 0
+
+
 # command → (one-line help, add arguments, run). New commands register here and nowhere else.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "demo": ("the whole pipeline offline in minutes: generated task, tiny OpenELM, LoRA training, accuracy "
@@ -298,6 +344,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "chat": ("interactive terminal chat with streamed replies", _chat_parser, _run_chat),
     "eval": ("base vs base + adapter on held-out data: answer loss, perplexity, exact match, ROUGE-L",
              _eval_parser, _run_eval),
+    "serve": ("HTTP server: the tutorial's POST /, an OpenAI-compatible /v1 API, several adapters, a chat page",
+              _serve_parser, _run_serve),
     "merge": ("fold an adapter into its base: a standalone checkpoint in Apple's layout", _merge_parser, _run_merge),
     "export gguf": ("write a merged or base model as GGUF for llama.cpp / Ollama", _export_parser, _run_export),
     "info": ("show an OpenELM architecture and its parameter count (no weights loaded)", _info_parser, _print_info),
