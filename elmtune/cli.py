@@ -50,7 +50,8 @@ def _print_info(args: argparse.Namespace) -> int:
 def _options_from(args: argparse.Namespace, cls):
     from .options import resolve
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "run", "debug", "config", "show", "output")}
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("command", "subcommand", "run", "debug", "config", "show", "output")}
     return resolve(cls, yaml_path=getattr(args, "config", None), flags=flags)
 
 
@@ -65,10 +66,13 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     import json
+    import os
 
     from .train import TrainOptions, train
 
     summary = train(_options_from(args, TrainOptions))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0
     if "output_dir" not in summary:  # a dry run: the plan
         for key, value in summary.items():
             print(f"{key:>22}: {json.dumps(value) if isinstance(value, dict) else f'{value:,}' if isinstance(value, int) else value}")
@@ -332,6 +336,34 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_train_parser(p: argparse.ArgumentParser) -> None:
+    from .bench import BenchTrainOptions
+    from .options import add_arguments
+
+    add_arguments(p, BenchTrainOptions)
+
+
+def _run_bench_train(args: argparse.Namespace) -> int:
+    from .bench import BenchTrainOptions, bench_train
+
+    bench_train(_options_from(args, BenchTrainOptions))
+    return 0
+
+
+def _bench_generate_parser(p: argparse.ArgumentParser) -> None:
+    from .bench import BenchGenerateOptions
+    from .options import add_arguments
+
+    add_arguments(p, BenchGenerateOptions)
+
+
+def _run_bench_generate(args: argparse.Namespace) -> int:
+    from .bench import BenchGenerateOptions, bench_generate
+
+    bench_generate(_options_from(args, BenchGenerateOptions))
+    return 0
+
+
 # command → (one-line help, add arguments, run). New commands register here and nowhere else.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "demo": ("the whole pipeline offline in minutes: generated task, tiny OpenELM, LoRA training, accuracy "
@@ -348,6 +380,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
               _serve_parser, _run_serve),
     "merge": ("fold an adapter into its base: a standalone checkpoint in Apple's layout", _merge_parser, _run_merge),
     "export gguf": ("write a merged or base model as GGUF for llama.cpp / Ollama", _export_parser, _run_export),
+    "bench train": ("measure training speed, memory and MFU: the tutorial's path vs elmtune's, same data",
+                    _bench_train_parser, _run_bench_train),
+    "bench generate": ("measure decoding tokens/s with the KV cache, batch 1 and 8", _bench_generate_parser,
+                       _run_bench_generate),
     "info": ("show an OpenELM architecture and its parameter count (no weights loaded)", _info_parser, _print_info),
 }
 

@@ -121,7 +121,7 @@ def run_demo(options: DemoOptions) -> dict:
         model=str(out / "base-model"), data=[str(out / "train.jsonl")], fields="zh", template="openelm-sep",
         output_dir=str(out / "adapter"), overwrite=options.overwrite, max_length=64, max_steps=options.max_steps,
         batch_size=32, grad_accum=1, lr=3e-3, lr_scheduler="cosine", warmup_steps=20, lora_r=32, lora_alpha=32,
-        lora_dropout=0.0, precision="fp32", gradient_checkpointing=False, save_steps=options.max_steps,
+        lora_dropout=0.0, precision="fp32", gradient_checkpointing="off", save_steps=options.max_steps,
         logging_steps=25, seed=options.seed))
 
     pipeline = load_pipeline(adapter=str(out / "adapter"))  # base, tokenizer and template from the adapter

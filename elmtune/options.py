@@ -96,6 +96,8 @@ def _coerce(value: Any, base: type, is_list: bool, optional: bool, where: str, c
             raise OptionsError(f"{where}: expected a number, got {value!r}")
         value = float(value)
     elif base is str:
+        if isinstance(value, bool) and choices and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML reads an unquoted on/off (or true/false) as a boolean
         if isinstance(value, (dict, list, bool)):
             raise OptionsError(f"{where}: expected a string, got {value!r}")
         value = str(value)

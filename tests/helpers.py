@@ -81,6 +81,6 @@ def train_tiny_adapter(directory: Path, **overrides) -> tuple[Path, Path]:
                                         "output": words[(i * 5) % 11]}) + "\n" for i in range(32)))
     options = dict(model=str(model_dir), data=[str(data)], fields="zh", output_dir=str(directory / "adapter"),
                    max_length=32, batch_size=8, grad_accum=1, lr=5e-2, max_steps=4, save_steps=100, logging_steps=1,
-                   precision="fp32", gradient_checkpointing=False, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+                   precision="fp32", gradient_checkpointing="off", lora_r=4, lora_alpha=8, lora_dropout=0.0)
     train(TrainOptions(**{**options, **overrides}))
     return model_dir, directory / "adapter"

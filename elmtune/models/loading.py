@@ -51,6 +51,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, **f
     """Weights from a checkpoint directory or hub id, or a seeded random init for a preset."""
     if spec in PRESETS:
         torch.manual_seed(seed)
-        return OpenELMForCausalLM(OpenELMConfig.from_preset(spec)).to(dtype)
+        attn = from_pretrained_kwargs.get("attn_implementation")
+        config = OpenELMConfig.from_preset(spec, **({"attn_implementation": attn} if attn else {}))
+        return OpenELMForCausalLM._from_config(config, dtype=dtype)  # built in `dtype`: no fp32 copy on the way
     load_config(spec)  # the clear errors for a wrong spec, before anything heavy
     return OpenELMForCausalLM.from_pretrained(model_dir(spec), dtype=dtype, **from_pretrained_kwargs)

@@ -103,6 +103,19 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
+def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          document_bounds: list[int], scaling: float) -> torch.Tensor:
+    """Causal attention inside each document of one packed row: ``[1, h, t, d]`` → ``[1, t, h, d]``.
+
+    One small causal SDPA call per document (native GQA, no mask): no ``t × t`` mask is built and no attention
+    is computed across documents, which is both exact and cheaper than masking a full packed row.
+    """
+    pieces = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                             scale=scaling, enable_gqa=True)
+              for a, b in zip(document_bounds[:-1], document_bounds[1:])]
+    return torch.cat(pieces, dim=2).transpose(1, 2)
+
+
 class OpenELMMultiHeadCausalAttention(nn.Module):
     """Grouped-query attention with a fused qkv projection and optional per-head q/k RMSNorm."""
 
@@ -135,9 +148,24 @@ class OpenELMMultiHeadCausalAttention(nn.Module):
         query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)  # [b, hkv, t, d]
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
-        out, _ = attention(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
+        bounds = kwargs.pop("document_bounds", None)
+        if bounds is not None:
+            out = packed_sdpa_attention(self, query, key, value, bounds, self.scaling)
+        else:
+            attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+            out, _ = attention(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
         return self.out_proj(out.reshape(b, s, -1))  # out: [b, s, hq, d]
+
+
+def document_bounds(position_ids: torch.Tensor, batch_size: int) -> list[int] | None:
+    """Start offsets of the documents packed in a single row (plus its end), or None when there is nothing to split:
+    a new document starts wherever the position does not continue the previous one (as transformers detects it)."""
+    if batch_size != 1 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
+        return None
+    starts = (torch.diff(position_ids[0]) != 1).nonzero().flatten() + 1
+    if starts.numel() == 0:
+        return None
+    return [0, *starts.tolist(), position_ids.shape[1]]
 
 
 class OpenELMDecoderLayer(GradientCheckpointingLayer):
@@ -213,8 +241,15 @@ class OpenELMModel(OpenELMPreTrainedModel):
         mask_cache = None if past == 0 and isinstance(cache, DynamicCache) else cache
         if mask_cache is None and attention_mask is not None and attention_mask.ndim == 2 and bool(attention_mask.all()):
             attention_mask = None
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  cache=mask_cache, position_ids=position_ids)
+        bounds = None
+        if mask_cache is None and attention_mask is None and self.config._attn_implementation == "sdpa":
+            bounds = document_bounds(position_ids, inputs_embeds.shape[0])
+        if bounds is not None:
+            mask = None  # one packed row: attention runs per document (packed_sdpa_attention), no mask needed
+            kwargs["document_bounds"] = bounds
+        else:
+            mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      cache=mask_cache, position_ids=position_ids)
         rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_freq_constant)
 
         hidden_states = inputs_embeds
@@ -223,7 +258,65 @@ class OpenELMModel(OpenELMPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropies of ``hidden @ weight.T`` against ``targets``, one chunk of rows at a time.
+
+    The forward pass also computes the gradients (softmax − one-hot, projected back through ``weight``), so no
+    ``[rows, vocab]`` logits are kept for backward and none are recomputed: only ``grad_hidden [rows, D]`` (and
+    ``grad_weight`` if the head is trained) is stored.  Logits and softmax are in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = F.linear(h, weight).float()  # [chunk, vocab]
+            log_probs = logits.log_softmax(-1)
+            total -= log_probs.gather(1, t[:, None]).sum()
+            grad_logits = log_probs.exp_()  # softmax, in place
+            grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1.0
+            grad_hidden[start:start + chunk_size] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ h.float()
+        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_total.to(grad_hidden.dtype)
+        weight_grad = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight.numel() else None
+        return grad_hidden * scale, weight_grad, None, None
+
+
+def supervised_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    num_items_in_batch: torch.Tensor | int | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """Causal-LM loss computed only where a label is supervised, in chunks, in fp32.
+
+    Equal to the usual shift-and-cross-entropy over full logits, but logits exist only for ``chunk_size``
+    supervised positions at a time and never for prompt or padding positions (:class:`_LinearCrossEntropy`).
+    ``hidden_states [b, s, D]``, ``labels [b, s]`` with -100 where unsupervised.
+    """
+    targets = labels[:, 1:]
+    selected = targets != -100
+    hidden = hidden_states[:, :-1][selected]  # [n, D]
+    total = _LinearCrossEntropy.apply(hidden, weight, targets[selected], chunk_size)
+    denominator = num_items_in_batch if num_items_in_batch is not None else max(int(selected.sum()), 1)
+    if torch.is_tensor(denominator):
+        denominator = denominator.to(total.device)
+    return total / denominator
+
+
 class OpenELMForCausalLM(OpenELMPreTrainedModel, GenerationMixin):
+    #: When True, a forward pass with ``labels`` computes the loss from supervised positions only
+    #: (:func:`supervised_loss`) and returns no logits.  elmtune's trainer turns it on; off, the model behaves
+    #: like any transformers causal LM (full logits, then the loss).
+    supervised_logits_only: bool = False
+
     def __init__(self, config: OpenELMConfig):
         super().__init__(config)
         self.transformer = OpenELMModel(config)
@@ -260,6 +353,10 @@ class OpenELMForCausalLM(OpenELMPreTrainedModel, GenerationMixin):
         outputs = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache if cache is not None else past_key_values,
                                    inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        if labels is not None and self.supervised_logits_only:
+            loss = supervised_loss(outputs.last_hidden_state, self.output_weight(), labels,
+                                   kwargs.get("num_items_in_batch"))
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = F.linear(hidden_states, self.output_weight())  # [b, s, vocab]
         loss = None

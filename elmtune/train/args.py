@@ -55,8 +55,20 @@ class TrainOptions(DataOptions):
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
     precision: str = opt("auto", "auto = bf16 where the GPU/CPU supports it, else fp32",
                          choices=("auto", "bf16", "fp16", "fp32"))
-    gradient_checkpointing: bool = opt(True, "recompute activations in the backward pass to save memory")
+    gradient_checkpointing: str = opt("auto", "recompute activations in the backward pass to save memory: on, off, "
+                                              "or auto (on when the estimated memory would not fit)",
+                                      choices=("auto", "on", "off"))
+    packing: bool = opt(True, "padding-free batches: each micro-batch's examples in one row, attention kept inside "
+                              "each example (same results as padded batches, less compute)")
+    full_logits: bool = opt(False, "compute logits over the whole vocabulary at every position, as the tutorial "
+                                   "does (default: only where a token is supervised, in chunks)")
+    attn_implementation: str = opt("sdpa", "attention kernel: sdpa (PyTorch), eager (explicit matmuls, as Apple's "
+                                           "code), flash_attention_2 (GPU, if installed)",
+                                   choices=("sdpa", "eager", "flash_attention_2"))
     seed: int = opt(42, "seed for initialisation, data order and dropout")
+    distributed: str = opt("ddp", "under torchrun / accelerate launch: ddp (each process a full model), fsdp (shard "
+                                  "the frozen base across processes), deepspeed (ZeRO-2; needs deepspeed)",
+                           choices=("ddp", "fsdp", "deepspeed"))
     # Validation
     val_size: float = opt(0.0, "hold out this many examples (≥ 1) or this fraction (< 1) for evaluation")
     val_file: str | None = opt(None, "evaluation data (same formats as --data) instead of a split")

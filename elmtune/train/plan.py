@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 
+import torch
+
 from ..data import DataSpec
 from ..models.loading import build_on_meta, load_config
 from ..tokenizer import load_tokenizer
@@ -27,6 +29,31 @@ def estimate_memory(config, n_params: int, n_trainable: int, tokens_per_micro_ba
     return parts
 
 
+def available_memory() -> int:
+    """Bytes the run can use: free GPU memory, else the system's available RAM."""
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def decide_checkpointing(options: TrainOptions, config, n_params: int, n_trainable: int, longest: int,
+                         precision: str) -> tuple[bool, str]:
+    """``--gradient-checkpointing`` on/off as asked; ``auto``: on only if the run would not fit without it."""
+    if options.gradient_checkpointing != "auto":
+        return options.gradient_checkpointing == "on", "as asked"
+    tokens = options.batch_size * longest
+    need = estimate_memory(config, n_params, n_trainable, tokens, precision, checkpointing=False)["total"]
+    have = available_memory()
+    on = need > 0.7 * have
+    return on, f"auto: ~{need / 2**30:.1f} GiB needed without it, {have / 2**30:.1f} GiB available"
+
+
 def plan_run(options: TrainOptions) -> dict:
     from peft import LoraConfig, get_peft_model
 
@@ -47,8 +74,9 @@ def plan_run(options: TrainOptions) -> dict:
     steps = options.max_steps if options.max_steps > 0 else math.ceil(steps_per_epoch * options.epochs)
     lengths = sorted(len(e.input_ids) for e in train_examples)
     precision = resolve_precision(options.precision)
+    checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, lengths[-1], precision)
     memory = estimate_memory(config, total - trainable, trainable, options.batch_size * lengths[-1], precision,
-                             options.gradient_checkpointing)
+                             checkpointing)
     return {
         "model": options.model, "precision": precision,
         "parameters_total": total, "parameters_trainable": trainable,
@@ -57,5 +85,6 @@ def plan_run(options: TrainOptions) -> dict:
         "longest_example": lengths[-1], "median_example": lengths[len(lengths) // 2],
         "global_batch": options.batch_size * options.grad_accum * world,
         "steps_per_epoch": steps_per_epoch, "total_steps": steps,
+        "gradient_checkpointing": f"{'on' if checkpointing else 'off'} ({why})",
         "estimated_memory_gib": {k: round(v / 2**30, 2) for k, v in memory.items()},
     }

@@ -30,12 +30,13 @@ from transformers.trainer_utils import get_last_checkpoint
 from .. import __version__
 from ..data import DataSpec, EncodeStats, Example, load_examples
 from ..models import PRESETS
-from ..models.loading import load_config
+from ..data.collate import PackedCollator
+from ..models.loading import build_on_meta, load_config
 from ..options import write_yaml
 from ..tokenizer import Tokenizer, load_tokenizer
 from .args import TrainOptions
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses
-from .plan import plan_run
+from .plan import decide_checkpointing, plan_run
 
 log = logging.getLogger("elmtune")
 METADATA_FILE = "elmtune.json"
@@ -68,6 +69,11 @@ class Run:
 # ----------------------------------------------------------------------------------------------- setup helpers
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process under torchrun / accelerate launch; (0, 1) when run alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def resolve_precision(precision: str) -> str:
     """``auto`` → bf16 on GPUs that support it and on CPUs with AVX-512-BF16 / AMX, else fp32."""
     if precision != "auto":
@@ -87,6 +93,8 @@ def check_output_dir(options: TrainOptions) -> Path:
     out = Path(options.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise TrainError(f"--output-dir {out}: exists and is not a directory")
+    if world()[0] != 0:  # only rank 0 checks and prepares the output directory (the others would race it)
+        return out
     previous = [name for name in RUN_FILES if (out / name).exists()]
     if previous and not (options.overwrite or options.resume):
         raise TrainError(f"--output-dir {out} already holds a run ({', '.join(previous)}); pass --resume auto to "
@@ -101,9 +109,24 @@ def check_output_dir(options: TrainOptions) -> Path:
     return out
 
 
+def check_world_size(out: Path) -> None:
+    """Data order and position in a checkpoint depend on the number of processes: refuse a different one."""
+    meta = out / METADATA_FILE
+    recorded = json.loads(meta.read_text()).get("world_size", 1) if meta.is_file() else None
+    size = world()[1]
+    if recorded is not None and recorded != size:
+        def plural(n):
+            return f"{n} process" + ("es" if n != 1 else "")
+
+        raise TrainError(f"--resume: this run was trained by {plural(recorded)} and would now continue with "
+                         f"{plural(size)}; the data order would not match. Resume with the same number of "
+                         "processes (torchrun --nproc_per_node), or start a new run")
+
+
 def find_resume_checkpoint(options: TrainOptions, out: Path) -> str | None:
     if not options.resume:
         return None
+    check_world_size(out)
     if options.resume == "auto":
         found = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
         if found is None:
@@ -153,24 +176,32 @@ def load_data(options: TrainOptions, tokenizer: Tokenizer, spec: DataSpec):
     return train_examples, eval_examples, stats
 
 
-def build_peft_model(options: TrainOptions, dtype: torch.dtype):
+def build_peft_model(options: TrainOptions, dtype: torch.dtype, checkpointing: bool):
     from peft import LoraConfig, get_peft_model
 
     from ..models.loading import load_model
 
-    kwargs = {}
+    kwargs = {"attn_implementation": options.attn_implementation}
     if options.quantize == "4bit":
         kwargs["quantization_config"] = _bnb_4bit_config(options)
     model = load_model(options.model, dtype=dtype, seed=options.seed, **kwargs)
+    model.supervised_logits_only = not options.full_logits
     if options.quantize == "4bit":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                       target_modules=list(options.lora_targets), use_dora=options.use_dora,
                       use_rslora=options.use_rslora, task_type="CAUSAL_LM")
     torch.manual_seed(options.seed)  # LoRA A matrices are random: the same seed gives the same start
-    return get_peft_model(model, lora)
+    peft_model = get_peft_model(model, lora)
+    if dtype != torch.float32:
+        # Training runs under autocast, which casts the LoRA matmuls to `dtype` anyway; PEFT's default upcast of
+        # every LoRA input to the adapter's fp32 only costs a full copy per adapted layer (and fp32 dropout).
+        for module in peft_model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+    return peft_model
 
 
 def _bnb_4bit_config(options: TrainOptions):
@@ -188,7 +219,8 @@ def _bnb_4bit_config(options: TrainOptions):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def training_arguments(options: TrainOptions, out: Path, precision: str, has_eval: bool) -> TrainingArguments:
+def training_arguments(options: TrainOptions, out: Path, precision: str, has_eval: bool,
+                       checkpointing: bool) -> TrainingArguments:
     if options.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -202,12 +234,15 @@ def training_arguments(options: TrainOptions, out: Path, precision: str, has_eva
         num_train_epochs=options.epochs, max_steps=options.max_steps, lr_scheduler_type=options.lr_scheduler,
         warmup_steps=options.warmup_steps, weight_decay=options.weight_decay, max_grad_norm=options.max_grad_norm,
         bf16=precision == "bf16", fp16=precision == "fp16",
-        activation_checkpointing=options.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        prediction_loss_only=True,
         logging_steps=options.logging_steps, save_steps=options.save_steps, save_total_limit=options.save_total_limit,
         eval_strategy="steps" if has_eval else "no", eval_steps=eval_steps if has_eval else None,
         report_to=[], seed=options.seed, data_seed=options.seed,
-        remove_unused_columns=False, disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+        **(distributed_arguments(options) if world()[1] > 1 else {}),
+        remove_unused_columns=False, disable_tqdm=True,
+        include_num_input_tokens_seen="all" if options.packing else "non_padding",  # packed rows hold no padding
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), log_level="warning",
     )
 
@@ -233,8 +268,10 @@ class _Features(torch.utils.data.Dataset):
         return self.examples[i].features()
 
 
-def make_collator(tokenizer: Tokenizer) -> DataCollatorForSeq2Seq:
-    """The tutorial's collator: right padding with pad (= eos) ids, labels padded with -100."""
+def make_collator(tokenizer: Tokenizer, packing: bool = False):
+    """Padding-free packed rows, or the tutorial's collator: right padding with pad (= eos) ids, labels -100."""
+    if packing:
+        return PackedCollator()
     tokenizer.hf.padding_side = "right"
     return DataCollatorForSeq2Seq(tokenizer.hf, padding=True, label_pad_token_id=-100)
 
@@ -242,7 +279,42 @@ def make_collator(tokenizer: Tokenizer) -> DataCollatorForSeq2Seq:
 def metadata(options: TrainOptions, spec: DataSpec, stats: EncodeStats) -> dict:
     return {"elmtune_version": __version__, "base_model": options.model, "tokenizer": options.tokenizer,
             "template": spec.template.to_dict(), "fields": vars(spec.fields), "max_length": spec.max_length,
-            "data": stats.summary()}
+            "data": stats.summary(), "world_size": world()[1]}
+
+
+def distributed_arguments(options: TrainOptions) -> dict:
+    """TrainingArguments for the chosen engine (used only under a multi-process launcher)."""
+    if options.distributed == "fsdp":
+        return {"fsdp": "full_shard auto_wrap",
+                "fsdp_config": {"transformer_layer_cls_to_wrap": ["OpenELMDecoderLayer"], "use_orig_params": True}}
+    if options.distributed == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise TrainError("--distributed deepspeed needs DeepSpeed: pip install deepspeed") from None
+        return {"deepspeed": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"},
+                              "fp16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+                              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}}
+    return {"ddp_find_unused_parameters": False}
+
+
+class ReleaseFreedMemory(TrainerCallback):
+    """On glibc, hand freed heap pages back to the OS after every optimizer step (``malloc_trim``).
+
+    Packed rows differ in length from step to step, so tensors of ever new sizes are allocated; glibc keeps the
+    freed blocks in a fragmented heap and the process would grow by hundreds of MB per step on CPU.
+    """
+
+    def __init__(self):
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        self.trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trim is not None and not torch.cuda.is_available():
+            self.trim(0)
 
 
 # ----------------------------------------------------------------------------------------------- the recipe
@@ -257,17 +329,23 @@ def setup(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()) 
     spec = DataSpec.parse(options.template, options.fields, options.max_length)
     train_examples, eval_examples, stats = load_data(options, tokenizer, spec)
     run = Run(options, out, tokenizer, spec, train_examples, eval_examples, stats, resume_from=resume_from)
-    write_yaml(options, out / "config.yaml")
-    (out / METADATA_FILE).write_text(json.dumps(metadata(options, spec, stats), indent=2), encoding="utf-8")
+    if world()[0] == 0:
+        write_yaml(options, out / "config.yaml")
+        (out / METADATA_FILE).write_text(json.dumps(metadata(options, spec, stats), indent=2), encoding="utf-8")
 
     precision = resolve_precision(options.precision)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    model = build_peft_model(options, dtype)
+    config = load_config(options.model)
+    n_params = sum(p.numel() for p in build_on_meta(config).parameters())
+    longest = max(len(e.input_ids) for e in train_examples)
+    checkpointing, why = decide_checkpointing(options, config, n_params, 0, longest, precision)
+    log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
+    model = build_peft_model(options, dtype, checkpointing)
     run.trainer = Trainer(
-        model=model, args=training_arguments(options, out, precision, bool(eval_examples)),
+        model=model, args=training_arguments(options, out, precision, bool(eval_examples), checkpointing),
         train_dataset=_Features(train_examples), eval_dataset=_Features(eval_examples) if eval_examples else None,
-        data_collator=make_collator(tokenizer),
-        callbacks=[MetricsCallback(out / "metrics.jsonl"), ProgressCallback(),
+        data_collator=make_collator(tokenizer, options.packing),
+        callbacks=[MetricsCallback(out / "metrics.jsonl"), ProgressCallback(), ReleaseFreedMemory(),
                    *([tensorboard_callback(out)] if options.tensorboard else []), *callbacks],
     )
     run.trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs; metrics.jsonl keeps them

@@ -36,23 +36,32 @@ def tiny_run(tmp_path):
 def options(model_dir, data, out, **overrides) -> TrainOptions:
     base = dict(model=str(model_dir), data=[str(data)], fields="zh", output_dir=str(out), max_length=32,
                 batch_size=4, grad_accum=2, lr=1e-2, max_steps=6, save_steps=2, logging_steps=1,
-                precision="fp32", gradient_checkpointing=False, lora_r=4, lora_alpha=8)
+                precision="fp32", gradient_checkpointing="off", lora_r=4, lora_alpha=8)
     return TrainOptions(**{**base, **overrides})
 
 
 def test_tutorial_first_batch_loss_through_the_training_path(tmp_path):
     golden_dir = shared_path("golden", "openelm", "tiny")
     golden = json.loads((golden_dir / "golden.json").read_text())["tutorial_first_batch"]
-    run = setup(TrainOptions(model=str(golden_dir), tokenizer=str(shared_path("data", "llama2-tokenizer")),
-                             data=[str(shared_path("data", "alpaca-chinese", "alpaca_chinese_part_0.json"))],
-                             output_dir=str(tmp_path), precision="fp32"))
-    batch = run.trainer.data_collator([e.features() for e in run.train_examples[:8]])
+    common = dict(model=str(golden_dir), tokenizer=str(shared_path("data", "llama2-tokenizer")),
+                  data=[str(shared_path("data", "alpaca-chinese", "alpaca_chinese_part_0.json"))], precision="fp32")
+    # the tutorial's own path: padded batches, full-vocabulary logits
+    run = setup(TrainOptions(output_dir=str(tmp_path / "tutorial"), packing=False, full_logits=True, **common))
+    features = [e.features() for e in run.train_examples[:8]]
+    batch = run.trainer.data_collator(features)
     for key in ("input_ids", "attention_mask", "labels"):
         assert batch[key].tolist() == golden[key], key
     run.model.eval()
     with torch.no_grad():
         loss = run.trainer.compute_loss(run.model, batch)
     assert abs(loss.item() - golden["loss"]) <= 1e-5
+    # elmtune's default path (packed row, supervised-only logits) gives the same loss on the same examples
+    fast = setup(TrainOptions(output_dir=str(tmp_path / "default"), **common))
+    packed = fast.trainer.data_collator(features)
+    assert packed["input_ids"].shape == (1, sum(golden["attention_mask"][i].count(1) for i in range(8)))
+    fast.model.eval()
+    with torch.no_grad():
+        assert abs(fast.trainer.compute_loss(fast.model, packed).item() - golden["loss"]) <= 1e-5
 
 
 def test_outputs_and_stock_peft_loading(tiny_run, tmp_path):

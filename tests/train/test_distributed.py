@@ -1,0 +1,100 @@
+"""`elmtune train` under torchrun: 2 CPU processes (gloo) must train exactly what one process trains."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from tests.helpers import REPO_ROOT, tiny_model, word_tokenizer
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+@pytest.fixture(scope="module")
+def setup_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("dist")
+    tiny_model().save_pretrained(directory / "base")
+    word_tokenizer().save(directory / "base")
+    words = "a b c d e f g h x y z hello".split()
+    records = [{"instruction": "say " * (1 + i % 3), "input": " ".join(words[i % 7: i % 7 + 1 + i % 4]),
+                "output": " ".join(words[(i * 5) % 11: (i * 5) % 11 + 1 + i % 3])} for i in range(40)]
+    (directory / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return directory
+
+
+def train_cli(directory, out, *extra, nproc: int = 1):
+    args = ["train", "--model", str(directory / "base"), "--data", str(directory / "data.jsonl"), "--fields", "zh",
+            "--output-dir", str(out), "--max-steps", "4", "--save-steps", "2", "--lr", "5e-2", "--lora-r", "4",
+            "--lora-alpha", "8", "--lora-dropout", "0", "--precision", "fp32", "--logging-steps", "1",
+            "--gradient-checkpointing", "off", *extra]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(free_port())] if nproc > 1 else [sys.executable]
+    result = subprocess.run([*launcher, "-m", "elmtune.cli", *args], capture_output=True, text=True, cwd=REPO_ROOT,
+                            timeout=240, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def adapter(out):
+    return load_file(out / "adapter_model.safetensors")
+
+
+def assert_same(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol), (key, (a[key] - b[key]).abs().max())
+
+
+def test_two_ranks_equal_one_process_with_the_same_global_batch(setup_dir, tmp_path):
+    train_cli(setup_dir, tmp_path / "single", "--batch-size", "4")
+    train_cli(setup_dir, tmp_path / "ddp", "--batch-size", "2", nproc=2)
+    assert_same(adapter(tmp_path / "single"), adapter(tmp_path / "ddp"))
+    # only rank 0 wrote: one metrics line per step, not two
+    steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_two_rank_resume_equals_an_uninterrupted_two_rank_run(setup_dir, tmp_path):
+    full = tmp_path / "full"
+    train_cli(setup_dir, full, "--batch-size", "2", nproc=2)
+    # the same run, "interrupted" after its step-2 checkpoint: everything written after it is gone
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-4")
+    for name in ("adapter_model.safetensors", "adapter_config.json", "loss.png"):
+        (resumed / name).unlink()
+    train_cli(setup_dir, resumed, "--batch-size", "2", "--resume", "auto", nproc=2)
+    assert_same(adapter(full), adapter(resumed), atol=0)
+    # resuming with another world size is refused with a clear message
+    changed = subprocess.run(
+        [sys.executable, "-m", "elmtune.cli", "train", "--model", str(setup_dir / "base"), "--data",
+         str(setup_dir / "data.jsonl"), "--fields", "zh", "--output-dir", str(resumed), "--resume",
+         str(resumed / "checkpoints" / "checkpoint-2"), "--max-steps", "4"], capture_output=True, text=True,
+        cwd=REPO_ROOT, timeout=300)
+    assert changed.returncode == 2 and "2 processes" in changed.stderr and "1 process" in changed.stderr
+
+
+def test_fsdp_on_two_cpu_ranks_saves_an_adapter_stock_peft_loads(setup_dir, tmp_path):
+    out = tmp_path / "fsdp"
+    train_cli(setup_dir, out, "--batch-size", "2", "--distributed", "fsdp", nproc=2)
+    model = PeftModel.from_pretrained(tiny_model(), out).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 6, 7]])).logits
+    assert torch.isfinite(logits).all()
+    trained = adapter(out)
+    assert any(k.endswith("lora_B.weight") and trained[k].abs().max() > 0 for k in trained)
