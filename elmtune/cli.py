@@ -115,11 +115,15 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_parser(p: argparse.ArgumentParser) -> None:
-    from .demo import DemoOptions
-    from .options import add_arguments
+def _arguments_of(module: str, cls: str) -> Callable[[argparse.ArgumentParser], None]:
+    """A parser builder adding one flag per field of the options dataclass ``module.cls``."""
+    def add(p: argparse.ArgumentParser) -> None:
+        from importlib import import_module
 
-    add_arguments(p, DemoOptions)
+        from .options import add_arguments
+
+        add_arguments(p, getattr(import_module(f"elmtune.{module}"), cls))
+    return add
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -336,25 +340,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_train_parser(p: argparse.ArgumentParser) -> None:
-    from .bench import BenchTrainOptions
-    from .options import add_arguments
-
-    add_arguments(p, BenchTrainOptions)
-
-
 def _run_bench_train(args: argparse.Namespace) -> int:
     from .bench import BenchTrainOptions, bench_train
 
     bench_train(_options_from(args, BenchTrainOptions))
     return 0
-
-
-def _bench_generate_parser(p: argparse.ArgumentParser) -> None:
-    from .bench import BenchGenerateOptions
-    from .options import add_arguments
-
-    add_arguments(p, BenchGenerateOptions)
 
 
 def _run_bench_generate(args: argparse.Namespace) -> int:
@@ -367,7 +357,7 @@ def _run_bench_generate(args: argparse.Namespace) -> int:
 # command → (one-line help, add arguments, run). New commands register here and nowhere else.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "demo": ("the whole pipeline offline in minutes: generated task, tiny OpenELM, LoRA training, accuracy "
-             "before/after", _demo_parser, _run_demo),
+             "before/after", _arguments_of("demo", "DemoOptions"), _run_demo),
     "train": ("LoRA fine-tune an OpenELM model on instruction data", _train_parser, _run_train),
     "data inspect": ("show what training will see: rendered examples, supervised tokens, statistics",
                      _inspect_parser, _run_inspect),
@@ -381,9 +371,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "merge": ("fold an adapter into its base: a standalone checkpoint in Apple's layout", _merge_parser, _run_merge),
     "export gguf": ("write a merged or base model as GGUF for llama.cpp / Ollama", _export_parser, _run_export),
     "bench train": ("measure training speed, memory and MFU: the tutorial's path vs elmtune's, same data",
-                    _bench_train_parser, _run_bench_train),
-    "bench generate": ("measure decoding tokens/s with the KV cache, batch 1 and 8", _bench_generate_parser,
-                       _run_bench_generate),
+                    _arguments_of("bench", "BenchTrainOptions"), _run_bench_train),
+    "bench generate": ("measure decoding tokens/s with the KV cache, batch 1 and 8",
+                       _arguments_of("bench", "BenchGenerateOptions"), _run_bench_generate),
     "info": ("show an OpenELM architecture and its parameter count (no weights loaded)", _info_parser, _print_info),
 }
 

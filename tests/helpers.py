@@ -64,6 +64,24 @@ def word_tokenizer(words: str = "a b c d e f g h hi hello say answer x y z 1 2 1
     return load_tokenizer(str(directory))
 
 
+def save_tiny_base(directory: Path) -> Path:
+    """A tiny model with its word tokenizer saved in ``directory`` (Apple's layout); returns the directory."""
+    tiny_model().save_pretrained(directory)
+    word_tokenizer().save(directory)
+    return directory
+
+
+def write_varied_records(path: Path, n: int) -> Path:
+    """``n`` instruction records (fields instruction/input/output) of varied prompt and answer lengths, as JSONL."""
+    import json
+
+    words = "a b c d e f g h x y z hello".split()
+    records = [{"instruction": "say " * (1 + i % 3), "input": " ".join(words[i % 7: i % 7 + 1 + i % 4]),
+                "output": " ".join(words[(i * 5) % 11: (i * 5) % 11 + 1 + i % 3])} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 def train_tiny_adapter(directory: Path, **overrides) -> tuple[Path, Path]:
     """Train a tiny LoRA adapter for a few steps (tiny model + word tokenizer + generated data) in
     ``directory``; returns (base model directory, adapter directory)."""
@@ -72,9 +90,7 @@ def train_tiny_adapter(directory: Path, **overrides) -> tuple[Path, Path]:
     from elmtune.train import TrainOptions, train
 
     directory = Path(directory)
-    model_dir = directory / "base"
-    tiny_model().save_pretrained(model_dir)
-    word_tokenizer().save(model_dir)
+    model_dir = save_tiny_base(directory / "base")
     words = "a b c d e f g h x y z".split()
     data = directory / "data.jsonl"
     data.write_text("".join(json.dumps({"instruction": "say", "input": " ".join(words[i % 9:i % 9 + 2]),

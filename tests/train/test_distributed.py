@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from tests.helpers import REPO_ROOT, tiny_model, word_tokenizer
+from tests.helpers import REPO_ROOT, save_tiny_base, tiny_model, write_varied_records
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -21,12 +21,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("dist")
-    tiny_model().save_pretrained(directory / "base")
-    word_tokenizer().save(directory / "base")
-    words = "a b c d e f g h x y z hello".split()
-    records = [{"instruction": "say " * (1 + i % 3), "input": " ".join(words[i % 7: i % 7 + 1 + i % 4]),
-                "output": " ".join(words[(i * 5) % 11: (i * 5) % 11 + 1 + i % 3])} for i in range(40)]
-    (directory / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    save_tiny_base(directory / "base")
+    write_varied_records(directory / "data.jsonl", 40)
     return directory
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from elmtune.data.collate import PackedCollator
 from elmtune.models.openelm import supervised_loss
 from elmtune.train import TrainOptions, train
-from tests.helpers import tiny_model, word_tokenizer
+from tests.helpers import save_tiny_base, tiny_model, write_varied_records
 
 EXAMPLES = [  # (input_ids, labels): prompt masked, answer + eos supervised
     ([1, 5, 9, 17, 33, 2], [-100, -100, -100, 17, 33, 2]),
@@ -69,12 +69,8 @@ def test_supervised_only_logits_give_the_same_loss_and_gradients_as_full_logits(
 @pytest.fixture(scope="module")
 def data_and_model(tmp_path_factory):
     directory = tmp_path_factory.mktemp("splits")
-    tiny_model().save_pretrained(directory / "base")
-    word_tokenizer().save(directory / "base")
-    words = "a b c d e f g h x y z hello".split()
-    records = [{"instruction": "say " * (1 + i % 4), "input": " ".join(words[i % 7: i % 7 + 1 + i % 5]),
-                "output": " ".join(words[(i * 5) % 11: (i * 5) % 11 + 1 + i % 3])} for i in range(16)]
-    (directory / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    save_tiny_base(directory / "base")
+    write_varied_records(directory / "data.jsonl", 16)
     return directory
 
 
@@ -92,5 +88,9 @@ def test_any_micro_batch_split_with_or_without_packing_trains_the_same(data_and_
 
     reference, reference_losses = run(tmp_path / "ref", 8, 1, True)  # one packed micro-batch of 8 per step
     adapter, losses = run(tmp_path / "split", batch_size, grad_accum, packing)
+    # step 1's loss is the global-batch mean; step 2's shows the update was the same
     assert losses == pytest.approx(reference_losses, rel=1e-5)
-    assert all(torch.allclose(adapter[k], reference[k], atol=1e-5) for k in reference)
+    # Adam divides by sqrt(v): gradients that are ~0 up to summation-order noise get noise-sized steps, so the
+    # weights agree to ~1e-4 here rather than 1e-6 (a normalisation bug would move them by ~lr = 5e-2)
+    worst = max((adapter[k] - reference[k]).abs().max().item() for k in reference)
+    assert worst <= 1e-3, worst

@@ -15,16 +15,13 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from elmtune.options import OptionsError, resolve
 from elmtune.train import TrainError, TrainOptions, finish, setup, train
-from tests.helpers import REPO_ROOT, shared_path, tiny_model, word_tokenizer
+from tests.helpers import REPO_ROOT, save_tiny_base, shared_path
 
 
 @pytest.fixture
 def tiny_run(tmp_path):
     """A tiny model directory (with its tokenizer) and 48 records of data, all in tmp_path."""
-    tok = word_tokenizer()
-    model_dir = tmp_path / "model"
-    tiny_model().save_pretrained(model_dir)
-    tok.save(model_dir)
+    model_dir = save_tiny_base(tmp_path / "model")
     words = "a b c d e f g h x y z".split()
     records = [{"instruction": "say", "input": " ".join(words[i % 11:i % 11 + 3]), "output": words[(i * 7) % 11]}
                for i in range(48)]
