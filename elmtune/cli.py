@@ -77,6 +77,9 @@ def _run_train(args: argparse.Namespace) -> int:
         for key, value in summary.items():
             print(f"{key:>22}: {json.dumps(value) if isinstance(value, dict) else f'{value:,}' if isinstance(value, int) else value}")
         return 0
+    if "stopped" in summary:
+        print(f"stopped by {summary['stopped']}; a checkpoint was saved: continue with the same command plus "
+              "--resume auto")
     print(f"adapter written to {summary['output_dir']} after {summary['global_step']} steps"
           + (f"; loss {summary['first_loss']:.4f} → {summary['last_loss']:.4f}" if "last_loss" in summary else "")
           + (f"; eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""))

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from .. import __version__
 from ..data import DataSpec, EncodeStats, Example, load_examples
@@ -37,6 +36,7 @@ from ..tokenizer import Tokenizer, load_tokenizer
 from .args import TrainOptions
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses
 from .plan import decide_checkpointing, plan_run
+from .safety import MANIFEST, GracefulStop, ManifestCallback, RunLock, is_complete, newest_complete_checkpoint
 
 log = logging.getLogger("elmtune")
 METADATA_FILE = "elmtune.json"
@@ -60,10 +60,20 @@ class Run:
     stats: EncodeStats
     trainer: Trainer | None = None
     resume_from: str | None = None
+    stop: GracefulStop | None = None
+    lock: RunLock | None = None
 
     @property
     def model(self):
         return self.trainer.model
+
+    def close(self) -> None:
+        """Give back the signal handlers and the output-directory lock (also after a failure)."""
+        if self.stop is not None:
+            self.stop.restore()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 # ----------------------------------------------------------------------------------------------- setup helpers
@@ -87,26 +97,31 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
-def check_output_dir(options: TrainOptions) -> Path:
+def check_output_dir(options: TrainOptions) -> tuple[Path, RunLock | None]:
+    """The output directory, checked, locked for this run and (with --overwrite) cleared of an earlier run."""
     if not options.output_dir:
         raise TrainError("no --output-dir given")
     out = Path(options.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise TrainError(f"--output-dir {out}: exists and is not a directory")
     if world()[0] != 0:  # only rank 0 checks and prepares the output directory (the others would race it)
-        return out
+        return out, None
     previous = [name for name in RUN_FILES if (out / name).exists()]
     if previous and not (options.overwrite or options.resume):
         raise TrainError(f"--output-dir {out} already holds a run ({', '.join(previous)}); pass --resume auto to "
                          "continue it, --overwrite to replace it, or choose another directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TrainError(f"--output-dir {out}: cannot create it ({error.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise TrainError(f"--output-dir {out}: not writable")
+    lock = RunLock(out)  # before anything is removed: a running run's files are never touched
     if previous and options.overwrite and not options.resume:
         for name in RUN_OUTPUTS:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise TrainError(f"--output-dir {out}: not writable")
-    return out
+    return out, lock
 
 
 def check_world_size(out: Path) -> None:
@@ -128,13 +143,16 @@ def find_resume_checkpoint(options: TrainOptions, out: Path) -> str | None:
         return None
     check_world_size(out)
     if options.resume == "auto":
-        found = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+        found = newest_complete_checkpoint(out / "checkpoints")
         if found is None:
-            log.warning("--resume auto: no checkpoint in %s yet; starting from the beginning", out / "checkpoints")
-        return found
+            log.warning("--resume auto: no complete checkpoint in %s yet; starting from the beginning",
+                        out / "checkpoints")
+        return str(found) if found else None
     path = Path(options.resume).expanduser()
     if not (path / "trainer_state.json").is_file():
         raise TrainError(f"--resume {path}: not a checkpoint directory (no trainer_state.json)")
+    if not is_complete(path):
+        raise TrainError(f"--resume {path}: incomplete checkpoint (no valid {MANIFEST}; interrupted while saving?)")
     return str(path)
 
 
@@ -322,31 +340,40 @@ class ReleaseFreedMemory(TrainerCallback):
 
 def setup(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()) -> Run:
     """Check everything that can be checked before any weights are loaded, then build the Trainer."""
-    out = check_output_dir(options)
-    load_config(options.model)  # fails fast on a wrong --model, before data is read
+    out, lock = check_output_dir(options)
+    try:
+        return _build_run(options, out, lock, callbacks)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks) -> Run:
+    config = load_config(options.model)  # fails fast on a wrong --model, before data is read
     resume_from = find_resume_checkpoint(options, out)
     tokenizer = load_tokenizer(default_tokenizer(options))
     spec = DataSpec.parse(options.template, options.fields, options.max_length)
     train_examples, eval_examples, stats = load_data(options, tokenizer, spec)
-    run = Run(options, out, tokenizer, spec, train_examples, eval_examples, stats, resume_from=resume_from)
+    run = Run(options, out, tokenizer, spec, train_examples, eval_examples, stats, resume_from=resume_from, lock=lock)
     if world()[0] == 0:
         write_yaml(options, out / "config.yaml")
         (out / METADATA_FILE).write_text(json.dumps(metadata(options, spec, stats), indent=2), encoding="utf-8")
 
     precision = resolve_precision(options.precision)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    config = load_config(options.model)
     n_params = sum(p.numel() for p in build_on_meta(config).parameters())
     longest = max(len(e.input_ids) for e in train_examples)
     checkpointing, why = decide_checkpointing(options, config, n_params, 0, longest, precision)
     log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
     model = build_peft_model(options, dtype, checkpointing)
+    run.stop = GracefulStop()
     run.trainer = Trainer(
         model=model, args=training_arguments(options, out, precision, bool(eval_examples), checkpointing),
         train_dataset=_Features(train_examples), eval_dataset=_Features(eval_examples) if eval_examples else None,
         data_collator=make_collator(tokenizer, options.packing),
-        callbacks=[MetricsCallback(out / "metrics.jsonl"), ProgressCallback(), ReleaseFreedMemory(),
-                   *([tensorboard_callback(out)] if options.tensorboard else []), *callbacks],
+        callbacks=[MetricsCallback(out / "metrics.jsonl"), ProgressCallback(), ReleaseFreedMemory(), ManifestCallback(),
+                   run.stop, *([tensorboard_callback(out)] if options.tensorboard else []), *callbacks],
     )
     run.trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs; metrics.jsonl keeps them
     return run
@@ -366,6 +393,8 @@ def finish(run: Run) -> dict:
     train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if train_losses:
         summary["first_loss"], summary["last_loss"] = train_losses[0], train_losses[-1]
+    if run.stop is not None and run.stop.stopped_at is not None:
+        summary["stopped"] = f"{run.stop.requested} at step {run.stop.stopped_at}"
     return summary
 
 
@@ -374,5 +403,8 @@ def train(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()) 
     if options.dry_run:
         return plan_run(options)
     run = setup(options, callbacks)
-    run.trainer.train(resume_from_checkpoint=run.resume_from)
-    return finish(run)
+    try:
+        run.trainer.train(resume_from_checkpoint=run.resume_from)
+        return finish(run)
+    finally:
+        run.close()

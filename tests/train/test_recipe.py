@@ -106,7 +106,10 @@ def run_recording_batches(opts, callbacks=()):
         run.trainer.train(resume_from_checkpoint=run.resume_from)
     except Interrupt:
         return run, seen, None
-    return run, seen, finish(run)
+    else:
+        return run, seen, finish(run)
+    finally:
+        run.close()
 
 
 def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path):
