@@ -381,20 +381,27 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line, exit code 2 (the usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="elmtune",
         description="Fine-tune Apple's OpenELM models with LoRA, and run what comes out of it.",
     )
     parser.add_argument("--version", action="version", version=f"elmtune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         group, _, leaf = name.rpartition(" ")
         if group and group not in groups:
-            groups[group] = sub.add_parser(group, help=f"{group} commands").add_subparsers(dest="subcommand",
-                                                                                       metavar="SUBCOMMAND", required=True)
+            groups[group] = sub.add_parser(group, help=f"{group} commands").add_subparsers(
+                dest="subcommand", metavar="SUBCOMMAND", required=True, parser_class=_Parser)
         command = (groups[group] if group else sub).add_parser(leaf, help=help_text, description=help_text)
         add_arguments(command)
         command.set_defaults(run=run, command=name)

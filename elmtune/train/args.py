@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..data.templates import FIELD_PRESETS, TEMPLATES
-from ..options import opt
+from ..options import OptionsError, opt
 
 TUTORIAL_TARGETS = ["token_embeddings", "qkv_proj", "out_proj", "proj_1", "proj_2"]
 
@@ -79,6 +79,19 @@ class TrainOptions(DataOptions):
     logging_steps: int = opt(10, "log loss, lr and tokens/s every N steps")
     tensorboard: bool = opt(False, "also write TensorBoard logs (OUTPUT_DIR/tensorboard)")
     resume: str | None = opt(None, "continue from a checkpoint: 'auto' (the newest in OUTPUT_DIR) or its path")
+    nan_policy: str = opt("stop", "a NaN/inf loss or gradient: stop before it reaches the weights, or skip that "
+                                  "optimizer step and go on", choices=("stop", "skip-step"))
     overwrite: bool = opt(False, "allow writing into an OUTPUT_DIR that already holds another run")
     dry_run: bool = opt(False, "load config, tokenizer and data, build the model on the meta device, print the "
                                "plan and exit (no weights allocated)")
+
+    def __post_init__(self):
+        at_least = {"batch_size": 1, "grad_accum": 1, "lora_r": 1, "lora_alpha": 1, "save_steps": 1,
+                    "logging_steps": 1, "max_length": 2, "warmup_steps": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise OptionsError(f"option {name!r} must be at least {low}, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise OptionsError(f"option 'lora_dropout' must be in [0, 1), got {self.lora_dropout}")
+        if self.lr <= 0 or (self.max_steps <= 0 and self.epochs <= 0):
+            raise OptionsError("option 'lr' must be positive, and 'epochs' too unless 'max_steps' is set")

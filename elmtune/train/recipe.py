@@ -36,7 +36,8 @@ from ..tokenizer import Tokenizer, load_tokenizer
 from .args import TrainOptions
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses
 from .plan import decide_checkpointing, plan_run
-from .safety import MANIFEST, GracefulStop, ManifestCallback, RunLock, is_complete, newest_complete_checkpoint
+from .safety import (MANIFEST, GracefulStop, ManifestCallback, NonFiniteGuard, RunLock, is_complete,
+                     newest_complete_checkpoint)
 
 log = logging.getLogger("elmtune")
 METADATA_FILE = "elmtune.json"
@@ -373,7 +374,7 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
         train_dataset=_Features(train_examples), eval_dataset=_Features(eval_examples) if eval_examples else None,
         data_collator=make_collator(tokenizer, options.packing),
         callbacks=[MetricsCallback(out / "metrics.jsonl"), ProgressCallback(), ReleaseFreedMemory(), ManifestCallback(),
-                   run.stop, *([tensorboard_callback(out)] if options.tensorboard else []), *callbacks],
+                   NonFiniteGuard(options.nan_policy, out / "checkpoints"), run.stop, *([tensorboard_callback(out)] if options.tensorboard else []), *callbacks],
     )
     run.trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs; metrics.jsonl keeps them
     return run

@@ -112,3 +112,37 @@ class RunLock:
     def release(self) -> None:
         fcntl.flock(self.handle, fcntl.LOCK_UN)
         self.handle.close()
+
+
+class NonFiniteError(ValueError):
+    """Training produced a non-finite loss or gradient."""
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Before each optimizer step, check the gradients: a NaN/inf means the step would poison the weights.
+
+    ``stop``: raise before the update, naming the step — nothing bad is saved, the last checkpoint stays good.
+    ``skip-step``: drop this step's gradients (the optimizer then leaves the weights and its own state alone:
+    PyTorch optimizers skip parameters without a gradient) and go on; skipped steps are counted.
+    """
+
+    def __init__(self, policy: str, checkpoints: Path):
+        self.policy, self.checkpoints = policy, checkpoints
+        self.skipped: list[int] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if all(bool(g.isfinite().all()) for g in grads):
+            return
+        step = state.global_step + 1
+        if self.policy == "skip-step":
+            for p in model.parameters():
+                p.grad = None
+            self.skipped.append(step)
+            log.warning("step %d: non-finite gradients; step skipped (--nan-policy skip-step)", step)
+            return
+        good = newest_complete_checkpoint(self.checkpoints)
+        raise NonFiniteError(
+            f"step {step}: the loss or gradients are not finite (NaN/inf); stopped before updating the weights. "
+            + (f"The last good checkpoint is {good}. " if good else "")
+            + "Lower --lr, check the data, or pass --nan-policy skip-step to skip such steps")

@@ -94,3 +94,41 @@ def test_two_runs_cannot_share_an_output_directory(inputs, tmp_path):
         first.close()
     with pytest.raises(TrainError, match="already holds a run"):
         setup(options)
+
+
+def poison_step(run, step: int) -> None:
+    """Make the loss of optimizer step ``step`` NaN (as a bad batch or an overflow would)."""
+    compute_loss = run.trainer.compute_loss
+
+    def poisoned(model, inputs, *args, **kwargs):
+        loss = compute_loss(model, inputs, *args, **kwargs)
+        return loss * float("nan") if run.trainer.state.global_step + 1 == step else loss
+
+    run.trainer.compute_loss = poisoned
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip-step"])
+def test_non_finite_loss_policies(inputs, tmp_path, policy):
+    from elmtune.train import finish
+    from elmtune.train.safety import NonFiniteError
+
+    base, data = inputs
+    run = setup(TrainOptions(model=str(base), data=[str(data)], fields="zh", output_dir=str(tmp_path / policy),
+                             precision="fp32", max_steps=5, save_steps=2, batch_size=4, grad_accum=1, lr=1e-2,
+                             lora_r=4, lora_alpha=8, gradient_checkpointing="off", nan_policy=policy))
+    poison_step(run, 3)
+    try:
+        if policy == "stop":
+            with pytest.raises(NonFiniteError, match=r"step 3: .*last good checkpoint is .*checkpoint-2"):
+                run.trainer.train()
+            assert all(torch.isfinite(p).all() for p in run.model.parameters())  # never applied
+            assert run.trainer.state.global_step == 2
+        else:
+            run.trainer.train()
+            finish(run)
+            guard = next(cb for cb in run.trainer.callback_handler.callbacks if type(cb).__name__ == "NonFiniteGuard")
+            assert guard.skipped == [3] and run.trainer.state.global_step == 5
+            adapter = load_file(tmp_path / policy / "adapter_model.safetensors")
+            assert all(torch.isfinite(t).all() for t in adapter.values())
+    finally:
+        run.close()
