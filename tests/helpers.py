@@ -42,7 +42,7 @@ def tiny_model(seed: int = 0, **overrides) -> OpenELMForCausalLM:
     return model.eval()
 
 
-def word_tokenizer(words: str = "a b c d e f g h hi hello say answer x y z 1 2 10") -> "Tokenizer":
+def word_tokenizer(words: str = "a b c d e f g h hi hello say answer x y z 1 2 10") -> "elmtune.tokenizer.Tokenizer":
     """A tiny word-level SentencePiece tokenizer (unk 0, bos 1, eos 2), trained in a temp dir: no downloads."""
     import io
     import json

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -133,7 +132,7 @@ def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path):
 
 
 def test_loss_falls_on_real_alpaca_records_with_the_llama2_tokenizer(tmp_path):
-    summary = train(TrainOptions(
+    train(TrainOptions(
         model=str(shared_path("golden", "openelm", "tiny")), tokenizer=str(shared_path("data", "llama2-tokenizer")),
         data=[str(shared_path("data", "alpaca-chinese", "alpaca_chinese_part_3.json"))], output_dir=str(tmp_path),
         max_steps=12, batch_size=4, grad_accum=1, lr=2e-3, logging_steps=1, max_length=128, precision="fp32",
