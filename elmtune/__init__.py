@@ -3,7 +3,7 @@
 The Python API mirrors the command line::
 
     import elmtune
-    elmtune.train(elmtune.TrainOptions(model=..., tokenizer=..., data=[...], output_dir="runs/a"))
+    elmtune.training(elmtune.TrainOptions(model=..., tokenizer=..., data=[...], output_dir="runs/a"))
     pipe = elmtune.load_pipeline(adapter="runs/a")
     elmtune.generate(pipe, ["Give three tips for staying healthy."])
     elmtune.merge("runs/a", "merged/"); elmtune.export_gguf("merged/", "model.gguf", "q8_0")
@@ -20,7 +20,7 @@ from .evaluate import run_eval  # noqa: E402
 from .export_gguf import export_gguf  # noqa: E402
 from .inference import Pipeline, SamplingOptions, complete, generate, load_pipeline  # noqa: E402
 from .merge import merge  # noqa: E402
-from .train import TrainOptions, train  # noqa: E402
+from .training import TrainOptions, train  # noqa: E402
 
 __all__ = ["PRESETS", "OpenELMConfig", "OpenELMForCausalLM", "OpenELMModel", "__version__", "DemoOptions",
            "run_demo", "run_eval", "export_gguf", "Pipeline", "SamplingOptions", "complete", "generate",

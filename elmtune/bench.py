@@ -93,7 +93,7 @@ def run_path(name: str, options: BenchTrainOptions, workdir: Path) -> dict:
     """One path, in this process: train ``steps`` steps through the real recipe and measure."""
     from transformers import TrainerCallback
 
-    from .train import TrainOptions, setup
+    from .training import TrainOptions, setup
 
     overrides = PATHS[name]
     train_options = TrainOptions(

@@ -57,7 +57,7 @@ def _options_from(args: argparse.Namespace, cls):
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
     from .options import add_arguments
-    from .train.args import TrainOptions
+    from .training.args import TrainOptions
 
     p.add_argument("--config", "-c", metavar="YAML", help="options from a YAML file (keys = option names); "
                                                             "flags given here override it")
@@ -68,7 +68,7 @@ def _run_train(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from .train import TrainOptions, train
+    from .training import TrainOptions, train
 
     summary = train(_options_from(args, TrainOptions))
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
@@ -88,7 +88,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _inspect_parser(p: argparse.ArgumentParser) -> None:
     from .options import add_arguments
-    from .train.args import DataOptions
+    from .training.args import DataOptions
 
     p.add_argument("--config", "-c", metavar="YAML", help="read these options from a YAML file (e.g. a training "
                                                             "config; keys that are not data options are ignored)")
@@ -103,7 +103,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from .data.inspect import inspect_data
     from .options import read_yaml, resolve
     from .tokenizer import load_tokenizer
-    from .train.args import DataOptions, TrainOptions
+    from .training.args import DataOptions, TrainOptions
 
     flags = {k: v for k, v in vars(args).items() if k in DataOptions.__dataclass_fields__}
     yaml_values = read_yaml(args.config) if args.config else {}

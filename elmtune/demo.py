@@ -103,7 +103,7 @@ def write_jsonl(records: list[dict], path: Path) -> None:
 def run_demo(options: DemoOptions) -> dict:
     from .inference import load_pipeline
     from .tokenizer import load_tokenizer
-    from .train import TrainOptions, train
+    from .training import TrainOptions, train
 
     start = time.time()
     out = Path(options.output_dir)
@@ -122,6 +122,7 @@ def run_demo(options: DemoOptions) -> dict:
         output_dir=str(out / "adapter"), overwrite=options.overwrite, max_length=64, max_steps=options.max_steps,
         batch_size=32, grad_accum=1, lr=3e-3, lr_scheduler="cosine", warmup_steps=20, lora_r=32, lora_alpha=32,
         lora_dropout=0.0, precision="fp32", gradient_checkpointing="off", save_steps=options.max_steps,
+        packing=False,  # 32 short examples of similar length: padding wastes little, per-example attention calls cost more
         logging_steps=25, seed=options.seed))
 
     pipeline = load_pipeline(adapter=str(out / "adapter"))  # base, tokenizer and template from the adapter

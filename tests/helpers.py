@@ -87,7 +87,7 @@ def train_tiny_adapter(directory: Path, **overrides) -> tuple[Path, Path]:
     ``directory``; returns (base model directory, adapter directory)."""
     import json
 
-    from elmtune.train import TrainOptions, train
+    from elmtune.training import TrainOptions, train
 
     directory = Path(directory)
     model_dir = save_tiny_base(directory / "base")

@@ -318,22 +318,35 @@ def distributed_arguments(options: TrainOptions) -> dict:
 
 
 class ReleaseFreedMemory(TrainerCallback):
-    """On glibc, hand freed heap pages back to the OS after every optimizer step (``malloc_trim``).
+    """On glibc, hand freed heap pages back to the OS (``malloc_trim``) once the process has grown.
 
     Packed rows differ in length from step to step, so tensors of ever new sizes are allocated; glibc keeps the
-    freed blocks in a fragmented heap and the process would grow by hundreds of MB per step on CPU.
+    freed blocks in a fragmented heap and the process would grow by hundreds of MB per step on CPU.  Trimming
+    costs page faults afterwards, so it runs only when the resident size grew by ``threshold`` since last time.
     """
 
-    def __init__(self):
+    def __init__(self, threshold: int = 256 << 20):
         import ctypes
         import ctypes.util
 
         name = ctypes.util.find_library("c")
         self.trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+        self.threshold = threshold
+        self.baseline = self._resident()
+
+    @staticmethod
+    def _resident() -> int:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trim is not None and not torch.cuda.is_available():
+        if self.trim is None or torch.cuda.is_available():
+            return
+        if self._resident() - self.baseline > self.threshold:
             self.trim(0)
+            self.baseline = self._resident()
 
 
 # ----------------------------------------------------------------------------------------------- the recipe
@@ -409,3 +422,7 @@ def train(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()) 
         return finish(run)
     finally:
         run.close()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # tear the process group down before exit: gloo's threads otherwise race interpreter shutdown
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from elmtune.train import TrainError, TrainOptions, setup
-from elmtune.train.safety import MANIFEST, newest_complete_checkpoint
+from elmtune.training import TrainError, TrainOptions, setup
+from elmtune.training.safety import MANIFEST, newest_complete_checkpoint
 from tests.helpers import REPO_ROOT, save_tiny_base, write_varied_records
 
 
@@ -70,7 +70,7 @@ def test_sigint_saves_a_checkpoint_and_exits_0(inputs, tmp_path):
 
 
 def test_partial_checkpoints_are_skipped(tmp_path):
-    from elmtune.train.safety import write_manifest
+    from elmtune.training.safety import write_manifest
 
     for step in (2, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -109,8 +109,8 @@ def poison_step(run, step: int) -> None:
 
 @pytest.mark.parametrize("policy", ["stop", "skip-step"])
 def test_non_finite_loss_policies(inputs, tmp_path, policy):
-    from elmtune.train import finish
-    from elmtune.train.safety import NonFiniteError
+    from elmtune.training import finish
+    from elmtune.training.safety import NonFiniteError
 
     base, data = inputs
     run = setup(TrainOptions(model=str(base), data=[str(data)], fields="zh", output_dir=str(tmp_path / policy),

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from elmtune.options import OptionsError, resolve
-from elmtune.train import TrainError, TrainOptions, finish, setup, train
+from elmtune.training import TrainError, TrainOptions, finish, setup, train
 from tests.helpers import REPO_ROOT, save_tiny_base, shared_path
 
 

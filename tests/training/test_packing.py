@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from elmtune.data.collate import PackedCollator
 from elmtune.models.openelm import supervised_loss
-from elmtune.train import TrainOptions, train
+from elmtune.training import TrainOptions, train
 from tests.helpers import save_tiny_base, tiny_model, write_varied_records
 
 EXAMPLES = [  # (input_ids, labels): prompt masked, answer + eos supervised
