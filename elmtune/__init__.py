@@ -3,7 +3,7 @@
 The Python API mirrors the command line::
 
     import elmtune
-    elmtune.training(elmtune.TrainOptions(model=..., tokenizer=..., data=[...], output_dir="runs/a"))
+    elmtune.train(elmtune.TrainOptions(model=..., tokenizer=..., data=[...], output_dir="runs/a"))
     pipe = elmtune.load_pipeline(adapter="runs/a")
     elmtune.generate(pipe, ["Give three tips for staying healthy."])
     elmtune.merge("runs/a", "merged/"); elmtune.export_gguf("merged/", "model.gguf", "q8_0")
