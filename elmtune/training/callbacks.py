@@ -67,6 +67,10 @@ class ProgressCallback(TrainerCallback):
         self.bar.set_postfix(postfix, refresh=True)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """End the bar (also when training failed: an error message must not be followed by a stale bar)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -29,6 +29,32 @@ def estimate_memory(config, n_params: int, n_trainable: int, tokens_per_micro_ba
     return parts
 
 
+def estimate_disk(n_trainable: int, total_steps: int, save_steps: int, save_total_limit: int | None,
+                  done_steps: int = 0) -> tuple[int, str]:
+    """Bytes the rest of a run writes to its output directory at most, and how that adds up.
+
+    A checkpoint holds the LoRA weights (fp32) and AdamW's two moments (fp32): 12 bytes per trainable parameter,
+    plus a few small files.  With ``--save-total-limit K`` at most K + 1 exist at once (the new one is complete
+    before the oldest is removed); without it every remaining save stays.  The final adapter adds 4 bytes per
+    trainable parameter and the tokenizer.
+    """
+    slack = 2 << 20
+    checkpoint = 12 * n_trainable + slack
+    saves = max(0, total_steps // save_steps - done_steps // save_steps)
+    if save_total_limit:
+        saves = min(saves, save_total_limit + 1)
+    adapter = 4 * n_trainable + slack
+    return saves * checkpoint + adapter, f"{saves} checkpoint(s) of ~{checkpoint / 2**20:,.1f} MiB + the adapter"
+
+
+def count_steps(options: TrainOptions, n_examples: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) the Trainer will run for ``n_examples``."""
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    micro_batches = math.ceil(n_examples / (options.batch_size * world))
+    steps_per_epoch = max(1, math.ceil(micro_batches / options.grad_accum))
+    return steps_per_epoch, options.max_steps if options.max_steps > 0 else math.ceil(steps_per_epoch * options.epochs)
+
+
 def available_memory() -> int:
     """Bytes the run can use: free GPU memory, else the system's available RAM."""
     if torch.cuda.is_available():
@@ -54,24 +80,29 @@ def decide_checkpointing(options: TrainOptions, config, n_params: int, n_trainab
     return on, f"auto: ~{need / 2**30:.1f} GiB needed without it, {have / 2**30:.1f} GiB available"
 
 
-def plan_run(options: TrainOptions) -> dict:
+def count_parameters(config, options: TrainOptions) -> tuple[int, int]:
+    """(trainable, total) parameters of the LoRA model, counted on the meta device (nothing allocated)."""
     from peft import LoraConfig, get_peft_model
 
+    model = build_on_meta(config)
+    lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                      target_modules=list(options.lora_targets), use_dora=options.use_dora, use_rslora=options.use_rslora)
+    counts = get_peft_model(model, lora).get_nb_trainable_parameters()
+    assert all(p.device.type == "meta" for p in model.parameters())
+    return counts
+
+
+def plan_run(options: TrainOptions) -> dict:
     from .recipe import default_tokenizer, load_data, resolve_precision
 
     config = load_config(options.model)
     tokenizer = load_tokenizer(default_tokenizer(options))
     spec = DataSpec.parse(options.template, options.fields, options.max_length)
     train_examples, eval_examples, stats = load_data(options, tokenizer, spec)
-    model = build_on_meta(config)
-    lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                      target_modules=list(options.lora_targets), use_dora=options.use_dora, use_rslora=options.use_rslora)
-    trainable, total = get_peft_model(model, lora).get_nb_trainable_parameters()
-    assert all(p.device.type == "meta" for p in model.parameters())
+    trainable, total = count_parameters(config, options)
     world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    micro_batches = math.ceil(len(train_examples) / (options.batch_size * world))
-    steps_per_epoch = max(1, math.ceil(micro_batches / options.grad_accum))
-    steps = options.max_steps if options.max_steps > 0 else math.ceil(steps_per_epoch * options.epochs)
+    steps_per_epoch, steps = count_steps(options, len(train_examples))
+    disk, _ = estimate_disk(trainable, steps, options.save_steps, options.save_total_limit)
     lengths = sorted(len(e.input_ids) for e in train_examples)
     precision = resolve_precision(options.precision)
     checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, lengths[-1], precision)
@@ -87,4 +118,5 @@ def plan_run(options: TrainOptions) -> dict:
         "steps_per_epoch": steps_per_epoch, "total_steps": steps,
         "gradient_checkpointing": f"{'on' if checkpointing else 'off'} ({why})",
         "estimated_memory_gib": {k: round(v / 2**30, 2) for k, v in memory.items()},
+        "estimated_disk_gib": round(disk / 2**30, 3),
     }

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +31,14 @@ from .. import __version__
 from ..data import DataSpec, EncodeStats, Example, load_examples
 from ..models import PRESETS
 from ..data.collate import PackedCollator
-from ..models.loading import build_on_meta, load_config
+from ..models.loading import load_config
 from ..options import write_yaml
 from ..tokenizer import Tokenizer, load_tokenizer
 from .args import TrainOptions
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses
-from .plan import decide_checkpointing, plan_run
-from .safety import (MANIFEST, GracefulStop, ManifestCallback, NonFiniteGuard, RunLock, is_complete,
-                     newest_complete_checkpoint)
+from .plan import count_parameters, count_steps, decide_checkpointing, estimate_disk, plan_run
+from .safety import (MANIFEST, AtomicCheckpointTrainer, GracefulStop, NonFiniteGuard, RunLock, check_free_space,
+                     is_complete, newest_complete_checkpoint, save_atomically)
 
 log = logging.getLogger("elmtune")
 METADATA_FILE = "elmtune.json"
@@ -69,7 +70,12 @@ class Run:
         return self.trainer.model
 
     def close(self) -> None:
-        """Give back the signal handlers and the output-directory lock (also after a failure)."""
+        """Close the progress bar, give back the signal handlers and the output-directory lock (also after a
+        failure)."""
+        if self.trainer is not None:
+            for callback in self.trainer.callback_handler.callbacks:
+                if isinstance(callback, ProgressCallback):
+                    callback.close()
         if self.stop is not None:
             self.stop.restore()
         if self.lock is not None:
@@ -115,8 +121,11 @@ def check_output_dir(options: TrainOptions) -> tuple[Path, RunLock | None]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise TrainError(f"--output-dir {out}: cannot create it ({error.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise TrainError(f"--output-dir {out}: not writable")
+    try:  # a real write: os.access says yes to root even on a read-only filesystem
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise TrainError(f"--output-dir {out}: not writable ({error.strerror})") from None
     lock = RunLock(out)  # before anything is removed: a running run's files are never touched
     if previous and options.overwrite and not options.resume:
         for name in RUN_OUTPUTS:
@@ -155,6 +164,17 @@ def find_resume_checkpoint(options: TrainOptions, out: Path) -> str | None:
     if not is_complete(path):
         raise TrainError(f"--resume {path}: incomplete checkpoint (no valid {MANIFEST}; interrupted while saving?)")
     return str(path)
+
+
+def check_disk(options: TrainOptions, out: Path, n_trainable: int, n_examples: int, resume_from: str | None) -> None:
+    """Before training: the checkpoints and adapter still to be written must fit on the output disk."""
+    done = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
+    need, what = estimate_disk(n_trainable, count_steps(options, n_examples)[1], options.save_steps,
+                               options.save_total_limit, done)
+    try:
+        check_free_space(out, need, what)
+    except ValueError as error:
+        raise TrainError(str(error)) from None
 
 
 def split_eval(examples: list[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -376,17 +396,19 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
 
     precision = resolve_precision(options.precision)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    n_params = sum(p.numel() for p in build_on_meta(config).parameters())
+    trainable, total = count_parameters(config, options)
+    if world()[0] == 0:
+        check_disk(options, out, trainable, len(train_examples), resume_from)
     longest = max(len(e.input_ids) for e in train_examples)
-    checkpointing, why = decide_checkpointing(options, config, n_params, 0, longest, precision)
+    checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, longest, precision)
     log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
     model = build_peft_model(options, dtype, checkpointing)
     run.stop = GracefulStop()
-    run.trainer = Trainer(
+    run.trainer = AtomicCheckpointTrainer(
         model=model, args=training_arguments(options, out, precision, bool(eval_examples), checkpointing),
         train_dataset=_Features(train_examples), eval_dataset=_Features(eval_examples) if eval_examples else None,
         data_collator=make_collator(tokenizer, options.packing),
-        callbacks=[MetricsCallback(out / "metrics.jsonl"), ProgressCallback(), ReleaseFreedMemory(), ManifestCallback(),
+        callbacks=[MetricsCallback(out / "metrics.jsonl"), ProgressCallback(), ReleaseFreedMemory(),
                    NonFiniteGuard(options.nan_policy, out / "checkpoints"), run.stop, *([tensorboard_callback(out)] if options.tensorboard else []), *callbacks],
     )
     run.trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs; metrics.jsonl keeps them
@@ -401,8 +423,7 @@ def finish(run: Run) -> dict:
         metrics = trainer.evaluate()
         summary["eval_loss"] = metrics["eval_loss"]
     if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(out)
-        run.tokenizer.save(out)
+        save_atomically(out, lambda staging: (trainer.model.save_pretrained(staging), run.tokenizer.save(staging)))
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if train_losses:

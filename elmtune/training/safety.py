@@ -1,37 +1,61 @@
-"""Runs that lose nothing: verified checkpoints, a graceful stop on SIGINT/SIGTERM, one writer per directory."""
+"""Runs that lose nothing: atomic, verified checkpoints, a graceful stop on SIGINT/SIGTERM, one writer per
+directory, a disk-space check before training."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 
 log = logging.getLogger("elmtune")
 MANIFEST = "elmtune-manifest.json"
+STAGING = ".staging"  # checkpoints/.staging/checkpoint-N: where a checkpoint is written before it is renamed
 
 
-def _sha256(path: Path) -> str:
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, permissions); the previous complete one is untouched."""
+
+
+def _sha256(path: Path, sync: bool = False) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+        if sync:  # the bytes just hashed are on disk before the manifest vouches for them
+            os.fsync(f.fileno())
     return digest.hexdigest()
 
 
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_manifest(checkpoint: Path) -> None:
-    """Record every file of a finished checkpoint with its checksum; written last, atomically (tmp + rename)."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    """Record every file of a finished checkpoint with its checksum (files synced to disk first); the manifest
+    itself is written last, atomically (tmp + rename)."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p, sync=True)}
              for p in sorted(checkpoint.iterdir()) if p.is_file() and p.name != MANIFEST}
     tmp = checkpoint / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": files}, indent=1), encoding="utf-8")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(json.dumps({"files": files}, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, checkpoint / MANIFEST)
+    _fsync_directory(checkpoint)
 
 
 def is_complete(checkpoint: Path) -> bool:
@@ -57,12 +81,80 @@ def newest_complete_checkpoint(directory: Path) -> Path | None:
     return None
 
 
-class ManifestCallback(TrainerCallback):
-    """After the Trainer writes ``checkpoint-N``, seal it with a manifest (rank 0)."""
+class AtomicCheckpointTrainer(Trainer):
+    """transformers' Trainer whose checkpoints appear whole or not at all.
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+    Each checkpoint is written into ``checkpoints/.staging/checkpoint-N`` (by every rank: each saves its own RNG
+    state), sealed with a manifest, synced, and only then renamed to ``checkpoints/checkpoint-N`` — a crash,
+    a kill or a full disk mid-save leaves at most a staging directory, never a ``checkpoint-N`` that is not
+    complete.  A write error removes the staging directory and stops the run with a :class:`CheckpointWriteError`
+    that names the last complete checkpoint.
+    """
+
+    def _save_checkpoint(self, model, trial):
+        parent = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        staged = parent / STAGING / name
+        try:
+            if self.is_world_process_zero():
+                shutil.rmtree(staged, ignore_errors=True)  # left over from a crash mid-save
+                staged.parent.mkdir(parents=True, exist_ok=True)
+            self.accelerator.wait_for_everyone()
+            self.args.output_dir = str(staged.parent)  # the Trainer writes OUTPUT_DIR/checkpoint-N
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = str(parent)
+            self.accelerator.wait_for_everyone()  # every rank's files are in place
+            if self.is_world_process_zero():
+                write_manifest(staged)
+                target = parent / name
+                if target.exists():  # the same step saved again (e.g. by an older run that was not sealed)
+                    shutil.rmtree(target)
+                os.replace(staged, target)
+                _fsync_directory(parent)
+                rotate_checkpoints(str(parent), self.args.save_total_limit)
+        except OSError as error:
+            shutil.rmtree(staged, ignore_errors=True)
+            good = newest_complete_checkpoint(parent)
+            what = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror or error
+            raise CheckpointWriteError(
+                f"step {self.state.global_step}: could not write {parent / name}: {what}. Nothing partial was left "
+                + (f"behind; the last complete checkpoint is {good}: free space and rerun with --resume auto"
+                   if good else "behind; no complete checkpoint exists yet: free space and start again")) from None
+        self.accelerator.wait_for_everyone()
+
+
+def save_atomically(directory: Path, write) -> None:
+    """``write(staging_dir)``, then move each file it wrote into ``directory`` with an atomic rename: a reader
+    (or a crash) sees every output file either old or new, never half written."""
+    staging = directory / STAGING / "final"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+        for path in sorted(staging.iterdir()):
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(path, directory / path.name)
+        _fsync_directory(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.parent.rmdir()
+        except OSError:  # not empty (a checkpoint being staged) or already gone
+            pass
+
+
+def check_free_space(directory: Path, need: int, what: str) -> None:
+    """Refuse to start a run whose checkpoints and adapter would not fit on the output directory's disk."""
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        def mib(n):
+            return f"{n / 2**20:,.1f} MiB"
+
+        raise ValueError(f"--output-dir {directory}: {mib(free)} free on its disk, but this run writes about "
+                         f"{mib(need)} ({what}); free space, set --save-total-limit, or choose another directory")
 
 
 class GracefulStop(TrainerCallback):
