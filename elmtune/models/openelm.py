@@ -32,6 +32,32 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to
 from .configuration_openelm import OpenELMConfig
 
 
+class _RMSNorm(torch.autograd.Function):
+    """``x / rms(x)`` in fp32, cast back, times ``weight`` — saving only ``x`` and the ``[..., 1]`` inverse RMS.
+
+    Composed from autograd ops, the same arithmetic keeps two fp32 copies of ``x`` for backward (8 bytes per
+    element against ``x``'s 2 in bf16); here backward recomputes them from ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd).type_as(x) * weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad.float() * normed.type_as(x).float()).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        g = (grad * weight).float()  # gradient at the fp32 normed value (the cast back is the identity)
+        grad_x = rstd * (g - normed * (g * normed).mean(-1, keepdim=True))
+        return grad_x.type_as(x), grad_weight, None
+
+
 class OpenELMRMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back before the scale, as Apple's reference does."""
 
@@ -41,9 +67,7 @@ class OpenELMRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return _RMSNorm.apply(x, self.weight, self.eps)
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +90,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x32 * cos + rotated * sin).type_as(x)
 
 
+class _GatedActivation(torch.autograd.Function):
+    """``act(gate) * up``, keeping only ``gate`` and ``up`` for backward: ``act(gate)`` ([tokens, ffn], the widest
+    activation of a layer) is recomputed there by one elementwise op instead of being stored."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: Callable) -> torch.Tensor:
+        ctx.act = act
+        ctx.save_for_backward(gate, up)
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        with torch.enable_grad():
+            gate = gate.detach().requires_grad_()
+            activated = ctx.act(gate)
+        (grad_gate,) = torch.autograd.grad(activated, gate, grad * up)
+        return grad_gate, grad * activated.detach(), None
+
+
 class OpenELMFeedForwardNetwork(nn.Module):
     """Per-layer-width FFN; with GLU, ``proj_1`` holds [gate | up] stacked along its output dimension."""
 
@@ -80,7 +124,7 @@ class OpenELMFeedForwardNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ffn_with_glu:
             gate, up = self.proj_1(x).chunk(2, dim=-1)  # each [b, s, hidden]
-            return self.proj_2(self.act(gate) * up)
+            return self.proj_2(_GatedActivation.apply(gate, up, self.act))
         return self.proj_2(self.act(self.proj_1(x)))
 
 
@@ -294,7 +338,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def supervised_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    num_items_in_batch: torch.Tensor | int | None = None, chunk_size: int = 1024) -> torch.Tensor:
+                    num_items_in_batch: torch.Tensor | int | None = None, chunk_size: int = 256) -> torch.Tensor:
     """Causal-LM loss computed only where a label is supervised, in chunks, in fp32.
 
     Equal to the usual shift-and-cross-entropy over full logits, but logits exist only for ``chunk_size``

@@ -143,3 +143,45 @@ def test_untied_head_uses_lm_head():
     ids = torch.tensor([[1, 2, 3]])
     hidden = model.transformer(ids).last_hidden_state
     assert torch.allclose(model(ids).logits, hidden @ model.lm_head.weight.T, atol=1e-6)
+
+
+def _reference_rms_norm(x, weight, eps):
+    """The arithmetic of Apple's RMSNorm, composed from autograd ops."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_lean_rms_norm_matches_the_composed_one_with_its_gradients(dtype, tol):
+    from elmtune.models.openelm import _RMSNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64, dtype=dtype) * 3
+    weight = (torch.rand(64, dtype=dtype) + 0.5).requires_grad_()
+    grad = torch.randn(3, 5, 64, dtype=dtype)
+    results = []
+    for norm in (_reference_rms_norm, _RMSNorm.apply):
+        xi, wi = x.clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        out = norm(xi, wi, 1e-6)
+        out.backward(grad)
+        results.append((out, xi.grad, wi.grad))
+    for ours, reference in zip(results[1], results[0]):
+        assert ours.dtype == reference.dtype
+        torch.testing.assert_close(ours, reference, rtol=tol, atol=tol)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _RMSNorm.apply(x.clone().requires_grad_(), weight, 1e-6)
+    assert sum(t.numel() for t in saved) == x.numel() + 64 + 15  # x, weight and one inverse RMS per row
+
+
+def test_gated_activation_keeps_less_and_gives_the_same_gradients():
+    from elmtune.models.openelm import _GatedActivation
+
+    torch.manual_seed(0)
+    gate, up = torch.randn(2, 7, 48, dtype=torch.float64), torch.randn(2, 7, 48, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda g, u: _GatedActivation.apply(g, u, F.silu),
+                                    (gate.requires_grad_(), up.requires_grad_()))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _GatedActivation.apply(gate, up, F.silu)
+    assert len(saved) == 2 and {t.data_ptr() for t in saved} == {gate.data_ptr(), up.data_ptr()}  # no act(gate)
