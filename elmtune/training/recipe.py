@@ -35,6 +35,7 @@ from ..models.loading import load_config
 from ..options import write_yaml
 from ..tokenizer import Tokenizer, load_tokenizer
 from .args import TrainOptions
+from .dropout import use_fast_dropout
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses
 from .plan import count_parameters, count_steps, decide_checkpointing, estimate_disk, plan_run
 from .safety import (MANIFEST, AtomicCheckpointTrainer, GracefulStop, NonFiniteGuard, RunLock, check_free_space,
@@ -234,6 +235,8 @@ def build_peft_model(options: TrainOptions, dtype: torch.dtype, checkpointing: b
                       use_rslora=options.use_rslora, task_type="CAUSAL_LM")
     torch.manual_seed(options.seed)  # LoRA A matrices are random: the same seed gives the same start
     peft_model = get_peft_model(model, lora)
+    if options.fast_lora_dropout:
+        use_fast_dropout(peft_model)
     if dtype != torch.float32:
         # Training runs under autocast, which casts the LoRA matmuls to `dtype` anyway; PEFT's default upcast of
         # every LoRA input to the adapter's fp32 only costs a full copy per adapted layer (and fp32 dropout).
