@@ -5,9 +5,9 @@ LoRA recipe on the same examples in the same order, three ways:
 
 * **tutorial** — our model driven exactly as the tutorial drives Apple's: padded batches (pad = eos, labels -100),
   full-vocabulary fp32 logits at every position, gradient checkpointing on, eager attention with key/value heads
-  repeated (``repeat_interleave``);
+  repeated (``repeat_interleave``), PEFT's own LoRA dropout;
 * **elmtune** — the defaults of ``elmtune train``: packed rows, logits only at supervised positions, SDPA with
-  native GQA, gradient checkpointing ``auto``;
+  native GQA, the cheaper CPU LoRA dropout mask, gradient checkpointing ``auto``;
 * **elmtune + ckpt** — the same with ``--gradient-checkpointing on``.
 
 It prints supervised tokens/s (and the ratio to the tutorial path), peak memory (and the ratio), the mean loss
@@ -34,10 +34,15 @@ from .options import opt
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PATHS = {
-    "tutorial": dict(packing=False, full_logits=True, gradient_checkpointing="on", attn_implementation="eager"),
+    "tutorial": dict(packing=False, full_logits=True, gradient_checkpointing="on", attn_implementation="eager",
+                     fast_lora_dropout=False),
     "elmtune": dict(),
     "elmtune + ckpt": dict(gradient_checkpointing="on"),
 }
+
+# The tutorial's script runs with PyTorch's defaults; elmtune sets huge-page allocation and a smaller oneDNN cache
+# when imported (see elmtune/__init__.py), so the tutorial path is run with the defaults restored.
+PATH_ENV = {"tutorial": {"THP_MEM_ALLOC_ENABLE": "0", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}}
 
 
 @dataclass
@@ -101,6 +106,10 @@ def run_path(name: str, options: BenchTrainOptions, workdir: Path) -> dict:
         overwrite=True, batch_size=options.batch_size, grad_accum=options.grad_accum, max_steps=options.steps,
         lr=1e-4, precision=options.precision, save_steps=10**6, logging_steps=1, seed=0, **overrides)
     run = setup(train_options)
+    if name == "tutorial":  # the tutorial's script hands no freed memory back to the OS
+        from .training.recipe import ReleaseFreedMemory
+
+        run.trainer.remove_callback(ReleaseFreedMemory)
     micro: list[tuple[int, int, int]] = []  # per micro-batch: (non-pad tokens, supervised tokens, computed tokens)
     collate = run.trainer.data_collator
 
@@ -158,8 +167,9 @@ def bench_train(options: BenchTrainOptions) -> dict:
         results = {}
         for name in options.paths:
             print(f"[bench] running the {name!r} path …", flush=True)
+            env = {**os.environ, "TQDM_DISABLE": "1", **PATH_ENV.get(name, {})}
             out = subprocess.run([sys.executable, "-m", "elmtune.bench", name, json.dumps(asdict(options)), str(tmp)],
-                                 capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                                 capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 raise RuntimeError(f"bench path {name!r} failed:\n{out.stderr[-3000:]}")
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
