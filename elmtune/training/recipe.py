@@ -35,8 +35,8 @@ from ..models.loading import load_config
 from ..options import write_yaml
 from ..tokenizer import Tokenizer, load_tokenizer
 from .args import TrainOptions
-from .dropout import use_fast_dropout
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses
+from .dropout import use_fast_dropout
 from .plan import count_parameters, count_steps, decide_checkpointing, estimate_disk, plan_run
 from .safety import (MANIFEST, AtomicCheckpointTrainer, GracefulStop, NonFiniteGuard, RunLock, check_free_space,
                      is_complete, newest_complete_checkpoint, save_atomically)

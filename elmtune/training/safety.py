@@ -117,11 +117,12 @@ class AtomicCheckpointTrainer(Trainer):
         except OSError as error:
             shutil.rmtree(staged, ignore_errors=True)
             good = newest_complete_checkpoint(parent)
-            what = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror or error
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            what, fix = ("the disk is full", "free space") if full else (error.strerror or str(error), "fix that")
             raise CheckpointWriteError(
                 f"step {self.state.global_step}: could not write {parent / name}: {what}. Nothing partial was left "
-                + (f"behind; the last complete checkpoint is {good}: free space and rerun with --resume auto"
-                   if good else "behind; no complete checkpoint exists yet: free space and start again")) from None
+                + (f"behind; the last complete checkpoint is {good}: {fix} and rerun with --resume auto"
+                   if good else f"behind; no complete checkpoint exists yet: {fix} and start again")) from None
         self.accelerator.wait_for_everyone()
 
 
