@@ -61,7 +61,8 @@ def _has_tokenizer(directory: Path) -> bool:
 
 
 def load_pipeline(model: str | None = None, adapter: str | None = None, tokenizer: str | None = None,
-                  template: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None) -> Pipeline:
+                  template: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None,
+                  adapter_name: str = "default") -> Pipeline:
     """Base model (a directory, hub id or preset) plus an optional adapter directory.
 
     Without ``model``, the adapter's recorded base model is used; without ``tokenizer``, the adapter's copy,
@@ -86,7 +87,7 @@ def load_pipeline(model: str | None = None, adapter: str | None = None, tokenize
     if adapter is not None:
         from peft import PeftModel
 
-        net = PeftModel.from_pretrained(net, adapter)
+        net = PeftModel.from_pretrained(net, adapter, adapter_name=adapter_name)
     if device:
         net = net.to(device)
     return Pipeline(net.eval(), load_tokenizer(tokenizer_dir), chosen, metadata)
@@ -123,7 +124,8 @@ class Completion:
         return dict(vars(self))
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """``text`` up to the first stop string, and whether one was found."""
     cuts = [text.find(s) for s in stops if s and s in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
 
@@ -161,7 +163,7 @@ def complete(pipeline: Pipeline, prompts: list[str], sampling: SamplingOptions |
             stopped = tok.eos_id in row
             if stopped:
                 row = row[: row.index(tok.eos_id)]
-            text, hit = _cut_at_stop(tok.decode(row), sampling.stop)
+            text, hit = cut_at_stop(tok.decode(row), sampling.stop)
             results.append(Completion(prompt, text, len(prompt_ids), len(row), "stop" if stopped or hit else "length"))
     return results
 

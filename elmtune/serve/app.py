@@ -89,16 +89,13 @@ def build_state(model: str | None, adapters: dict[str, str], tokenizer: str | No
     from ..inference import load_pipeline
     from .engine import Engine
 
-    first = next(iter(adapters.values()), None)
-    pipeline = load_pipeline(model=model, adapter=first, tokenizer=tokenizer, template=template, device=device)
+    names = list(adapters)
+    pipeline = load_pipeline(model=model, adapter=adapters[names[0]] if names else None, tokenizer=tokenizer,
+                             template=template, device=device, adapter_name=names[0] if names else "default")
     net = pipeline.model
-    if adapters:
-        names = list(adapters)
-        for name, path in adapters.items():  # load_pipeline loaded the first one as "default"
-            net.load_adapter(path, adapter_name=name)
-        net.set_adapter(names[0])
-        net.delete_adapter("default")
-        net.eval()
+    for name in names[1:]:
+        net.load_adapter(adapters[name], adapter_name=name)
+    net.eval()
     limits.setdefault("max_prompt_tokens", net.config.max_context_length)
     limit = limits.setdefault("max_tokens_limit", 1024)
     limits["default_max_tokens"] = min(limits.get("default_max_tokens", 256), limit)

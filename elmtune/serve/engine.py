@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from ..inference import cut_at_stop
+
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
@@ -58,11 +60,10 @@ class TextStream:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.decode(self.ids)
-        hits = [text.find(s) for s in self.stops if s in text]
-        if hits:
-            self.stopped = True
-            return self._advance(text[: min(hits)])
+        text = self.decode(self.ids)  # the whole answer: bounded by the server's max_tokens limit
+        cut, self.stopped = cut_at_stop(text, self.stops)
+        if self.stopped:
+            return self._advance(cut)
         if text.endswith("\ufffd"):
             return ""
         hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
@@ -78,16 +79,16 @@ class TextStream:
         return delta
 
 
-def pick_tokens(logits: torch.Tensor, rows: list[Sampling], histories: list[list[int]],
+def pick_tokens(logits: torch.Tensor, rows: list[Sampling], seen: list[torch.Tensor],
                 generators: list[torch.Generator | None]) -> list[int]:
-    """Next token for each row of ``logits [b, vocab]`` with that row's own settings."""
+    """Next token for each row of ``logits [b, vocab]`` with that row's own settings; ``seen[i] [vocab]`` marks
+    the tokens of row i's prompt and output (for the repetition penalty)."""
     tokens = []
     for i, s in enumerate(rows):
         scores = logits[i].float()
-        if s.repetition_penalty != 1.0 and histories[i]:
-            seen = torch.tensor(sorted(set(histories[i])), device=scores.device)
-            picked = scores[seen]
-            scores[seen] = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
+        if s.repetition_penalty != 1.0:
+            penalised = torch.where(scores < 0, scores * s.repetition_penalty, scores / s.repetition_penalty)
+            scores = torch.where(seen[i], penalised, scores)
         if s.temperature < 1e-4:  # 0 means greedy; dividing by a tiny temperature would overflow anyway
             tokens.append(int(scores.argmax()))
             continue
@@ -97,8 +98,8 @@ def pick_tokens(logits: torch.Tensor, rows: list[Sampling], histories: list[list
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if s.top_p < 1.0:
             ordered, order = scores.sort(descending=True)
-            cumulative = ordered.softmax(-1).cumsum(-1)
-            drop = cumulative - ordered.softmax(-1) > s.top_p  # keep the smallest set reaching top_p
+            probs = ordered.softmax(-1)
+            drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest set reaching top_p
             scores[order[drop]] = float("-inf")
         probs = scores.softmax(-1)
         tokens.append(int(torch.multinomial(probs, 1, generator=generators[i])))
@@ -111,7 +112,7 @@ class _Row:
 
     request: Request
     stream: TextStream
-    history: list[int]
+    seen: torch.Tensor  # [vocab] bool: tokens of the prompt and output so far
     generator: torch.Generator | None
     pending: int = -1  # the sampled token the next forward pass feeds in
     generated: int = 0
@@ -156,11 +157,12 @@ class Engine:
     def _take(self, block: bool, room: int) -> list[Request]:
         """New requests: wait for one when idle (then briefly for company), else only what is already queued."""
         taken: list[Request] = []
-        deadline = time.monotonic() + self.batch_wait
+        deadline = None
         while len(taken) < room:
             try:
                 if block and not taken:
                     item = self.queue.get()
+                    deadline = time.monotonic() + self.batch_wait  # from the first arrival, not from going idle
                 elif block:
                     item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 else:
@@ -186,8 +188,8 @@ class Engine:
                     rows += new_rows
                     rows, cache, mask = _drop_done(rows, cache, mask)
                 if rows:
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # the pending tokens' column
                     self._step(rows, cache, mask)
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                     rows, cache, mask = _drop_done(rows, cache, mask)
             except Exception as error:  # never let one bad batch kill the server: fail its requests
                 failed = [row.request for row in rows] + [r for r in new if all(r is not row.request for row in rows)]
@@ -217,7 +219,9 @@ class Engine:
             if r.sampling.seed is not None:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(r.sampling.seed)
-            rows.append(_Row(r, TextStream(tok.decode, r.sampling.stop), list(r.prompt_ids), generator))
+            seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+            seen[torch.tensor(r.prompt_ids, device=self.device)] = True
+            rows.append(_Row(r, TextStream(tok.decode, r.sampling.stop), seen, generator))
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, cache, rows)
         self.prefills += 1
@@ -227,14 +231,13 @@ class Engine:
     @torch.no_grad()
     def _step(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
         ids = torch.tensor([[r.pending] for r in rows], device=self.device)
-        step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = self._forward(ids, step_mask, cache, rows)
+        logits = self._forward(ids, mask, cache, rows)  # mask already has the pending tokens' column
         self.steps += 1
         self._accept(rows, logits)
 
     def _accept(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Sample each row's next token, stream its text, and close rows that are finished or abandoned."""
-        tokens = pick_tokens(logits, [r.request.sampling for r in rows], [r.history for r in rows],
+        tokens = pick_tokens(logits, [r.request.sampling for r in rows], [r.seen for r in rows],
                              [r.generator for r in rows])
         for row, token in zip(rows, tokens):
             request = row.request
@@ -244,7 +247,7 @@ class Engine:
             if token == self.tokenizer.eos_id:
                 self._finish(row, "stop")
                 continue
-            row.history.append(token)
+            row.seen[token] = True
             row.pending = token
             row.generated += 1
             delta = row.stream.push(token)
@@ -265,17 +268,14 @@ class Engine:
         row.done = True
 
 
-def _layers(cache: DynamicCache):
-    # transformers' DynamicCache keeps one layer object per decoder layer with `keys` / `values` tensors of
-    # shape [batch, kv_heads, time, head_dim] (kv_heads differ per OpenELM layer).
-    return cache.layers
-
-
 def _merge(cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_mask: torch.Tensor):
-    """Append ``other``'s rows to ``cache``, left-padding the shorter side with masked-out zeros."""
+    """Append ``other``'s rows to ``cache``, left-padding the shorter side with masked-out zeros.
+
+    A DynamicCache keeps one layer object per decoder layer with ``keys`` / ``values`` tensors of shape
+    ``[batch, kv_heads, time, head_dim]`` (kv_heads differ per OpenELM layer)."""
     length, other_length = mask.shape[1], other_mask.shape[1]
     width = max(length, other_length)
-    for layer, extra in zip(_layers(cache), _layers(other)):
+    for layer, extra in zip(cache.layers, other.layers):
         keys = [F.pad(layer.keys, (0, 0, width - length, 0)), F.pad(extra.keys, (0, 0, width - other_length, 0))]
         values = [F.pad(layer.values, (0, 0, width - length, 0)), F.pad(extra.values, (0, 0, width - other_length, 0))]
         layer.keys, layer.values = torch.cat(keys), torch.cat(values)
@@ -294,7 +294,7 @@ def _drop_done(rows: list[_Row], cache: DynamicCache, mask: torch.Tensor):
         mask = mask[index]
     first = int(mask.any(0).nonzero()[0])
     if first:
-        for layer in _layers(cache):
+        for layer in cache.layers:
             layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
         mask = mask[:, first:]
     return [rows[i] for i in keep], cache, mask

@@ -98,12 +98,21 @@ def test_body_too_large_is_413(server):
     assert response.status_code == 413 and "error" in response.json()
 
 
-def test_tutorial_endpoint_keeps_its_shape(server):
+def test_tutorial_endpoint_keeps_its_shape_and_answers_as_local_generation(server, adapters):
+    from elmtune.inference import SamplingOptions, generate, load_pipeline
+
     response = httpx.post(server.url + "/", json={"prompt": "say"}, timeout=30)
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"response", "status", "time"} and body["status"] == 200
+    assert set(body) == {"response", "status", "time"}
     assert len(body["time"]) == 19  # "%Y-%m-%d %H:%M:%S", as the tutorial
+    # greedy with the tutorial's repetition penalty 1.2 and the server's default 16 tokens; with two adapters
+    # served, a request naming no model gets the base model (alpha's template, as the server uses)
+    base, named = adapters
+    pipeline = load_pipeline(model=str(base), adapter=named["alpha"])
+    with pipeline.model.disable_adapter():
+        local = generate(pipeline, ["say"], sampling=SamplingOptions(max_new_tokens=16, repetition_penalty=1.2))
+    assert body["response"] == local[0].output
 
 
 def test_health_and_chat_page(server):
