@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+# pip's own exit status counts (pipefail); only the filter's "nothing left to print" is forgiven
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 pip install "${ELMTUNE_TORCH:-torch==2.13.0}"
 pip install -e ".[test]"
 .venv/bin/python -c "import elmtune, torch; print(f'elmtune {elmtune.__version__} ready (torch {torch.__version__})')"
