@@ -7,8 +7,8 @@ are deliberate and output-preserving:
 * RoPE is computed for the ``position_ids`` asked for (no 4,096-entry table, no length cliff), so packed rows and
   left-padded batches get the right positions;
 * masks come from transformers' ``create_causal_mask`` (no ``[batch, 1, 2048, 2048]`` buffer): plain causal SDPA
-  when nothing is padded, a padding mask otherwise, and a per-document mask for packed rows (position ids that
-  restart mark a new document);
+  when nothing is padded, a padding mask otherwise; a packed row (position ids that restart mark a new document)
+  gets one causal SDPA call per document under SDPA, a per-document mask under the other implementations;
 * keys are cached after RoPE (standard transformers ``Cache``), and the loss is computed in fp32.
 
 Shapes in comments: b = batch, s = new tokens, t = cached + new tokens, h = heads, d = head_dim, D = model_dim.
@@ -67,7 +67,10 @@ class OpenELMRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNorm.apply(x, self.weight, self.eps)
+        if torch.is_grad_enabled():
+            return _RMSNorm.apply(x, self.weight, self.eps)
+        x32 = x.float()  # inference: the same arithmetic, without an autograd Function per call
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +127,8 @@ class OpenELMFeedForwardNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ffn_with_glu:
             gate, up = self.proj_1(x).chunk(2, dim=-1)  # each [b, s, hidden]
-            return self.proj_2(_GatedActivation.apply(gate, up, self.act))
+            gated = _GatedActivation.apply(gate, up, self.act) if torch.is_grad_enabled() else self.act(gate) * up
+            return self.proj_2(gated)
         return self.proj_2(self.act(self.proj_1(x)))
 
 
@@ -347,8 +351,13 @@ def supervised_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: t
     """
     targets = labels[:, 1:]
     selected = targets != -100
-    hidden = hidden_states[:, :-1][selected]  # [n, D]
-    total = _LinearCrossEntropy.apply(hidden, weight, targets[selected], chunk_size)
+    hidden, wanted = hidden_states[:, :-1][selected], targets[selected]  # [n, D], [n]
+    if torch.is_grad_enabled():
+        total = _LinearCrossEntropy.apply(hidden, weight, wanted, chunk_size)
+    else:  # evaluation: the same chunked fp32 loss, without computing gradients nobody will use
+        total = sum(F.cross_entropy(F.linear(hidden[i:i + chunk_size], weight).float(), wanted[i:i + chunk_size],
+                                    reduction="sum") for i in range(0, hidden.shape[0], chunk_size))
+        total = torch.as_tensor(total, dtype=torch.float32, device=hidden.device)
     denominator = num_items_in_batch if num_items_in_batch is not None else max(int(selected.sum()), 1)
     if torch.is_tensor(denominator):
         denominator = denominator.to(total.device)

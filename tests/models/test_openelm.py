@@ -153,7 +153,7 @@ def _reference_rms_norm(x, weight, eps):
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 def test_lean_rms_norm_matches_the_composed_one_with_its_gradients(dtype, tol):
-    from elmtune.models.openelm import _RMSNorm
+    from elmtune.models.openelm import OpenELMRMSNorm, _RMSNorm
 
     torch.manual_seed(0)
     x = torch.randn(3, 5, 64, dtype=dtype) * 3
@@ -168,6 +168,10 @@ def test_lean_rms_norm_matches_the_composed_one_with_its_gradients(dtype, tol):
     for ours, reference in zip(results[1], results[0]):
         assert ours.dtype == reference.dtype
         torch.testing.assert_close(ours, reference, rtol=tol, atol=tol)
+    norm = OpenELMRMSNorm(64, eps=1e-6).to(dtype)
+    norm.weight.data.copy_(weight.detach())
+    with torch.no_grad():  # inference takes the composed ops: bitwise the same forward
+        assert torch.equal(norm(x), _RMSNorm.apply(x, weight.detach(), 1e-6))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         _RMSNorm.apply(x.clone().requires_grad_(), weight, 1e-6)

@@ -62,6 +62,8 @@ def test_supervised_only_logits_give_the_same_loss_and_gradients_as_full_logits(
     weight = model.output_weight()
     one = supervised_loss(hidden, weight, labels, chunk_size=5)
     assert abs(one.item() - full.item()) <= 1e-5
+    with torch.no_grad():  # the evaluation path (no gradients computed) gives the same loss
+        assert abs(supervised_loss(hidden, weight, labels, chunk_size=5).item() - full.item()) <= 1e-5
     n = int((labels[:, 1:] != -100).sum())
     assert abs(supervised_loss(hidden, weight, labels, num_items_in_batch=2 * n).item() - full.item() / 2) <= 1e-5
 
