@@ -47,10 +47,23 @@ def estimate_disk(n_trainable: int, total_steps: int, save_steps: int, save_tota
     return saves * checkpoint + adapter, f"{saves} checkpoint(s) of ~{checkpoint / 2**20:,.1f} MiB + the adapter"
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process under torchrun / accelerate launch; (0, 1) when run alone."""
+    return int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def lora_config(options: TrainOptions, **extra):
+    """The PEFT LoRA config of a run (one definition for the counted and the trained model)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                      target_modules=list(options.lora_targets), use_dora=options.use_dora,
+                      use_rslora=options.use_rslora, **extra)
+
+
 def count_steps(options: TrainOptions, n_examples: int) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps) the Trainer will run for ``n_examples``."""
-    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    micro_batches = math.ceil(n_examples / (options.batch_size * world))
+    micro_batches = math.ceil(n_examples / (options.batch_size * world()[1]))
     steps_per_epoch = max(1, math.ceil(micro_batches / options.grad_accum))
     return steps_per_epoch, options.max_steps if options.max_steps > 0 else math.ceil(steps_per_epoch * options.epochs)
 
@@ -82,12 +95,10 @@ def decide_checkpointing(options: TrainOptions, config, n_params: int, n_trainab
 
 def count_parameters(config, options: TrainOptions) -> tuple[int, int]:
     """(trainable, total) parameters of the LoRA model, counted on the meta device (nothing allocated)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     model = build_on_meta(config)
-    lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                      target_modules=list(options.lora_targets), use_dora=options.use_dora, use_rslora=options.use_rslora)
-    counts = get_peft_model(model, lora).get_nb_trainable_parameters()
+    counts = get_peft_model(model, lora_config(options)).get_nb_trainable_parameters()
     assert all(p.device.type == "meta" for p in model.parameters())
     return counts
 
@@ -100,7 +111,6 @@ def plan_run(options: TrainOptions) -> dict:
     spec = DataSpec.parse(options.template, options.fields, options.max_length)
     train_examples, eval_examples, stats = load_data(options, tokenizer, spec)
     trainable, total = count_parameters(config, options)
-    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
     steps_per_epoch, steps = count_steps(options, len(train_examples))
     disk, _ = estimate_disk(trainable, steps, options.save_steps, options.save_total_limit)
     lengths = sorted(len(e.input_ids) for e in train_examples)
@@ -114,7 +124,7 @@ def plan_run(options: TrainOptions) -> dict:
         "trainable_share": round(trainable / total, 6),
         "data": stats.summary(), "train_examples": len(train_examples), "eval_examples": len(eval_examples),
         "longest_example": lengths[-1], "median_example": lengths[len(lengths) // 2],
-        "global_batch": options.batch_size * options.grad_accum * world,
+        "global_batch": options.batch_size * options.grad_accum * world()[1],
         "steps_per_epoch": steps_per_epoch, "total_steps": steps,
         "gradient_checkpointing": f"{'on' if checkpointing else 'off'} ({why})",
         "estimated_memory_gib": {k: round(v / 2**30, 2) for k, v in memory.items()},

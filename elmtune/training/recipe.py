@@ -37,7 +37,7 @@ from ..tokenizer import Tokenizer, load_tokenizer
 from .args import TrainOptions
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses
 from .dropout import use_fast_dropout
-from .plan import count_parameters, count_steps, decide_checkpointing, estimate_disk, plan_run
+from .plan import count_parameters, count_steps, decide_checkpointing, estimate_disk, lora_config, plan_run, world
 from .safety import (MANIFEST, AtomicCheckpointTrainer, GracefulStop, NonFiniteGuard, RunLock, check_free_space,
                      is_complete, newest_complete_checkpoint, save_atomically)
 
@@ -85,11 +85,6 @@ class Run:
 
 
 # ----------------------------------------------------------------------------------------------- setup helpers
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process under torchrun / accelerate launch; (0, 1) when run alone."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def resolve_precision(precision: str) -> str:
@@ -172,10 +167,7 @@ def check_disk(options: TrainOptions, out: Path, n_trainable: int, n_examples: i
     done = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
     need, what = estimate_disk(n_trainable, count_steps(options, n_examples)[1], options.save_steps,
                                options.save_total_limit, done)
-    try:
-        check_free_space(out, need, what)
-    except ValueError as error:
-        raise TrainError(str(error)) from None
+    check_free_space(out, need, what)
 
 
 def split_eval(examples: list[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -217,7 +209,7 @@ def load_data(options: TrainOptions, tokenizer: Tokenizer, spec: DataSpec):
 
 
 def build_peft_model(options: TrainOptions, dtype: torch.dtype, checkpointing: bool):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from ..models.loading import load_model
 
@@ -230,9 +222,7 @@ def build_peft_model(options: TrainOptions, dtype: torch.dtype, checkpointing: b
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                      target_modules=list(options.lora_targets), use_dora=options.use_dora,
-                      use_rslora=options.use_rslora, task_type="CAUSAL_LM")
+    lora = lora_config(options, task_type="CAUSAL_LM")
     torch.manual_seed(options.seed)  # LoRA A matrices are random: the same seed gives the same start
     peft_model = get_peft_model(model, lora)
     if options.fast_lora_dropout:
@@ -365,7 +355,7 @@ class ReleaseFreedMemory(TrainerCallback):
             return 0
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trim is None or torch.cuda.is_available():
+        if self.trim is None:
             return
         if self._resident() - self.baseline > self.threshold:
             self.trim(0)
@@ -405,14 +395,15 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
     longest = max(len(e.input_ids) for e in train_examples)
     checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, longest, precision)
     log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
+    args = training_arguments(options, out, precision, bool(eval_examples), checkpointing)  # checks extras first
     model = build_peft_model(options, dtype, checkpointing)
     run.stop = GracefulStop()
     run.trainer = AtomicCheckpointTrainer(
-        model=model, args=training_arguments(options, out, precision, bool(eval_examples), checkpointing),
+        model=model, args=args,
         train_dataset=_Features(train_examples), eval_dataset=_Features(eval_examples) if eval_examples else None,
         data_collator=make_collator(tokenizer, options.packing),
-        callbacks=[MetricsCallback(out / "metrics.jsonl"), ProgressCallback(), ReleaseFreedMemory(),
-                   NonFiniteGuard(options.nan_policy, out / "checkpoints"), run.stop, *([tensorboard_callback(out)] if options.tensorboard else []), *callbacks],
+        callbacks=[MetricsCallback(out / "metrics.jsonl"), ProgressCallback(),
+                   *([] if torch.cuda.is_available() else [ReleaseFreedMemory()]), NonFiniteGuard(options.nan_policy, out / "checkpoints"), run.stop, *([tensorboard_callback(out)] if options.tensorboard else []), *callbacks],
     )
     run.trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs; metrics.jsonl keeps them
     return run
