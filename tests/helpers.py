@@ -82,6 +82,11 @@ def write_varied_records(path: Path, n: int) -> Path:
     return path
 
 
+def tiny_run_inputs(directory: Path, n_records: int) -> tuple[Path, Path]:
+    """A tiny base (``directory/base``) and ``n_records`` varied records (``directory/data.jsonl``) to train on."""
+    return save_tiny_base(Path(directory) / "base"), write_varied_records(Path(directory) / "data.jsonl", n_records)
+
+
 def train_tiny_adapter(directory: Path, **overrides) -> tuple[Path, Path]:
     """Train a tiny LoRA adapter for a few steps (tiny model + word tokenizer + generated data) in
     ``directory``; returns (base model directory, adapter directory)."""

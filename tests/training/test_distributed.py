@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from tests.helpers import REPO_ROOT, save_tiny_base, tiny_model, write_varied_records
+from tests.helpers import REPO_ROOT, tiny_model, tiny_run_inputs
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -21,8 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("dist")
-    save_tiny_base(directory / "base")
-    write_varied_records(directory / "data.jsonl", 40)
+    tiny_run_inputs(directory, 40)
     return directory
 
 

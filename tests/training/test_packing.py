@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from elmtune.data.collate import PackedCollator
 from elmtune.models.openelm import supervised_loss
 from elmtune.training import TrainOptions, train
-from tests.helpers import save_tiny_base, tiny_model, write_varied_records
+from tests.helpers import tiny_model, tiny_run_inputs
 
 EXAMPLES = [  # (input_ids, labels): prompt masked, answer + eos supervised
     ([1, 5, 9, 17, 33, 2], [-100, -100, -100, 17, 33, 2]),
@@ -71,8 +71,7 @@ def test_supervised_only_logits_give_the_same_loss_and_gradients_as_full_logits(
 @pytest.fixture(scope="module")
 def data_and_model(tmp_path_factory):
     directory = tmp_path_factory.mktemp("splits")
-    save_tiny_base(directory / "base")
-    write_varied_records(directory / "data.jsonl", 16)
+    tiny_run_inputs(directory, 16)
     return directory
 
 

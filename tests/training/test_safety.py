@@ -23,13 +23,13 @@ from transformers import Trainer
 
 from elmtune.training import TrainError, TrainOptions, setup
 from elmtune.training.safety import MANIFEST, is_complete, newest_complete_checkpoint
-from tests.helpers import REPO_ROOT, save_tiny_base, write_varied_records
+from tests.helpers import REPO_ROOT, tiny_run_inputs
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     directory = tmp_path_factory.mktemp("safety")
-    return save_tiny_base(directory / "base"), write_varied_records(directory / "data.jsonl", 48)
+    return tiny_run_inputs(directory, 48)
 
 
 def command(inputs, out, *extra):
