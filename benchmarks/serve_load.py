@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import elmtune  # noqa: F401  (before torch: the allocation settings `elmtune serve` runs with)
 import torch
 
 

@@ -1,8 +1,8 @@
 """Options of ``elmtune data inspect`` and ``elmtune train``: each default is defined here, once.
 
 The defaults are the tutorial's recipe: LoRA r=32, alpha=32, dropout 0.1 on token_embeddings, qkv_proj,
-out_proj, proj_1, proj_2; batch 8 × accumulation 4; lr 1e-4; max length 384; gradient checkpointing; bf16
-where the hardware has it; a checkpoint every 600 steps.
+out_proj, proj_1, proj_2; batch 8 × accumulation 4; lr 1e-4; max length 384; bf16 where the hardware has it;
+a checkpoint every 600 steps.  Gradient checkpointing (always on in the tutorial) is `auto` here.
 """
 
 from __future__ import annotations
