@@ -12,9 +12,9 @@ import threading
 from dataclasses import fields
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList, TextIteratorStreamer
+from transformers import TextIteratorStreamer
 
-from .inference import MaskedRepetitionPenalty, Pipeline, SamplingOptions
+from .inference import Pipeline, SamplingOptions, generation_args
 
 HELP = ("commands: /reset (forget the conversation), /set NAME VALUE (temperature, top_p, top_k, "
         "repetition_penalty, max_new_tokens, seed), /settings, /help, /quit")
@@ -46,26 +46,26 @@ class ChatSession:
         head = [tok.bos_id] if tok.bos_id is not None and not self.history else []
         prompt_ids = self.history + head + tok.encode([self.pipeline.render(message)])[0]
         ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
-        greedy = s.temperature <= 0
-        config = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=not greedy, eos_token_id=tok.eos_id,
-                                  pad_token_id=tok.pad_id, **({} if greedy else {
-                                      "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k or None}))
-        processors = LogitsProcessorList()
-        if s.repetition_penalty != 1.0:
-            processors.append(MaskedRepetitionPenalty(s.repetition_penalty, torch.zeros(1, dtype=torch.long)))
+        config, processors = generation_args(s, tok, torch.zeros(1, dtype=torch.long))
         if s.seed is not None:
             torch.manual_seed(s.seed)
         streamer = TextIteratorStreamer(tok.hf, skip_prompt=True, skip_special_tokens=True)
         result: dict = {}
 
         def run():
-            result["ids"] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                                           logits_processor=processors, streamer=streamer)
+            try:
+                result["ids"] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                               generation_config=config, logits_processor=processors, streamer=streamer)
+            except BaseException as error:  # end the stream, or the reader below would wait forever
+                result["error"] = error
+                streamer.end()
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
         yield from streamer
         worker.join()
+        if "error" in result:
+            raise result["error"]
         new = result["ids"][0, ids.shape[1]:].tolist()
         if tok.eos_id not in new:
             new.append(tok.eos_id)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from .data import Template
 from .options import opt
@@ -93,23 +93,22 @@ def load_pipeline(model: str | None = None, adapter: str | None = None, tokenize
     return Pipeline(net.eval(), load_tokenizer(tokenizer_dir), chosen, metadata)
 
 
-class MaskedRepetitionPenalty(LogitsProcessor):
-    """The usual repetition penalty, but blind to left padding.
+def generation_args(sampling: SamplingOptions, tok: Tokenizer, pads: torch.Tensor):
+    """(GenerationConfig, logits processors) for ``sampling``; ``pads [b]`` is each row's left padding.
 
-    transformers' version also penalises the pad token wherever a row is padded; with pad = eos that makes a
-    padded prompt less likely to stop than the same prompt alone.  Here each row only counts its own tokens.
+    The repetition penalty is transformers' own, told to skip each row's padding: with pad = eos, counting the
+    padding would make a padded prompt less likely to stop than the same prompt alone.
     """
-
-    def __init__(self, penalty: float, pad_lengths: torch.Tensor):
-        self.penalty = penalty
-        self.pad_lengths = pad_lengths  # [b]: left padding of each row
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        own = (torch.arange(input_ids.shape[1], device=input_ids.device)[None] >= self.pad_lengths[:, None])
-        counts = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
-        counts.scatter_add_(1, input_ids, own.to(torch.int32))  # [b, vocab]: occurrences outside the padding
-        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-        return torch.where(counts > 0, penalised, scores)
+    greedy = sampling.temperature <= 0
+    config = GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens, do_sample=not greedy, eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id, **({} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                                                        "top_k": sampling.top_k or None}))
+    processors = LogitsProcessorList()
+    if sampling.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(float(sampling.repetition_penalty),
+                                                           prompt_ignore_length=pads))
+    return config, processors
 
 
 @dataclass
@@ -136,11 +135,6 @@ def complete(pipeline: Pipeline, prompts: list[str], sampling: SamplingOptions |
     """Generate for already-rendered prompts, in left-padded batches (same greedy output as one at a time)."""
     sampling = sampling or SamplingOptions()
     tok, model = pipeline.tokenizer, pipeline.model
-    greedy = sampling.temperature <= 0
-    config = GenerationConfig(
-        max_new_tokens=sampling.max_new_tokens, do_sample=not greedy, eos_token_id=tok.eos_id,
-        pad_token_id=tok.pad_id, **({} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p,
-                                                        "top_k": sampling.top_k or None}))
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     device = next(model.parameters()).device
@@ -153,9 +147,7 @@ def complete(pipeline: Pipeline, prompts: list[str], sampling: SamplingOptions |
         pads = torch.tensor([width - len(c) for c in chunk], device=device)
         ids = torch.tensor([[tok.pad_id] * (width - len(c)) + c for c in chunk], device=device)
         mask = (torch.arange(width, device=device)[None] >= pads[:, None]).long()
-        processors = LogitsProcessorList()
-        if sampling.repetition_penalty != 1.0:
-            processors.append(MaskedRepetitionPenalty(sampling.repetition_penalty, pads))
+        config, processors = generation_args(sampling, tok, pads)
         extra = {"stop_strings": sampling.stop, "tokenizer": tok.hf} if sampling.stop else {}
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                              logits_processor=processors, streamer=streamer, **extra)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elmtune.inference import MaskedRepetitionPenalty, SamplingOptions, complete, load_pipeline
-from tests.helpers import train_tiny_adapter
+from elmtune.inference import SamplingOptions, complete, generation_args, load_pipeline
+from tests.helpers import train_tiny_adapter, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,12 @@ def test_batched_greedy_equals_one_at_a_time(adapter, penalty):
     assert [b.to_dict() for b in batched] == [a.to_dict() for a in alone]
 
 
-def test_masked_repetition_penalty_ignores_left_padding():
+def test_repetition_penalty_ignores_left_padding():
+    tok = word_tokenizer()
+    _, processors = generation_args(SamplingOptions(repetition_penalty=2.0), tok, torch.tensor([2, 0]))
     scores = torch.tensor([[1.0, 2.0, -1.0, 3.0], [1.0, 2.0, -1.0, 3.0]])
     ids = torch.tensor([[0, 0, 2, 3], [1, 1, 2, 3]])  # row 0 has two pads (token 0) in front
-    out = MaskedRepetitionPenalty(2.0, torch.tensor([2, 0]))(ids, scores.clone())
+    out = processors(ids, scores.clone())
     assert out[0].tolist() == [1.0, 2.0, -2.0, 1.5]  # pad token 0 untouched
     assert out[1].tolist() == [1.0, 1.0, -2.0, 1.5]
 
