@@ -14,6 +14,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -217,6 +218,7 @@ class NonFiniteGuard(TrainerCallback):
     ``stop``: raise before the update, naming the step — nothing bad is saved, the last checkpoint stays good.
     ``skip-step``: drop this step's gradients (the optimizer then leaves the weights and its own state alone:
     PyTorch optimizers skip parameters without a gradient) and go on; skipped steps are counted.
+    Under fp16 the GradScaler already skips overflowing steps (and lowers its scale), so the guard stands aside.
     """
 
     def __init__(self, policy: str, checkpoints: Path):
@@ -224,8 +226,16 @@ class NonFiniteGuard(TrainerCallback):
         self.skipped: list[int] = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16:  # the fp16 GradScaler skips overflowing steps and lowers its scale itself: leave it be
+            return
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if all(bool(g.isfinite().all()) for g in grads):
+        finite = (torch.stack([g.isfinite().all() for g in grads]).all() if grads
+                  else torch.ones((), dtype=torch.bool, device=next(model.parameters()).device))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # each rank may hold only a shard of the gradients (FSDP): all ranks decide together
+            finite = finite.to(torch.int32)
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if bool(finite):  # one host sync per step
             return
         step = state.global_step + 1
         if self.policy == "skip-step":
