@@ -7,6 +7,7 @@ Written as ``eval.json`` and ``eval.md``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import DataSpec, Fields, load_examples, read_records
+from .data import DataSpec, EncodeStats, Fields, read_records
+from .data.encode import encode_records
 from .inference import Pipeline, SamplingOptions, complete, load_pipeline
 
 class _RougeTokenizer:
@@ -77,10 +79,12 @@ def run_eval(data: list[str], adapter: str, output_dir: str, model: str | None =
     meta = pipeline.metadata
     fields_spec = fields or (",".join(f"{k}={v}" for k, v in meta["fields"].items() if v) if "fields" in meta else "en")
     spec = DataSpec(pipeline.template, Fields.parse(fields_spec), int(meta.get("max_length", 384)))
-    raw = list(read_records(data))[:limit]
-    records = [spec.fields.extract(r) for r in raw]
-    examples, _ = load_examples(data, pipeline.tokenizer, spec)
-    examples = examples[:limit]
+    raw = list(itertools.islice(read_records(data), limit))  # read once, and only as far as --limit
+    examples = encode_records(raw, pipeline.tokenizer, spec, EncodeStats())
+    by_place = {(r.source, r.index): r for r in raw}  # examples left without an answer are dropped: pair by place
+    records = [spec.fields.extract(by_place[(e.source, e.index)]) for e in examples]
+    if not examples:
+        raise ValueError(f"no records with an answer to evaluate in {', '.join(data)}")
     report = {"data": data, "adapter": adapter, "n": len(records),
               "base": evaluate_model(pipeline, examples, records, max_new_tokens, use_adapter=False),
               "adapter_model": evaluate_model(pipeline, examples, records, max_new_tokens, use_adapter=True)}
