@@ -29,9 +29,18 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.middleware("http")
     async def limit_body(request: HTTPRequest, call_next):
+        too_large = _error(413, f"request body over {state.max_body_bytes} bytes", code="request_too_large")
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > state.max_body_bytes):
-            return _error(413, f"request body over {state.max_body_bytes} bytes", code="request_too_large")
+        if length is not None:
+            if not length.isdigit() or int(length) > state.max_body_bytes:
+                return too_large
+        elif request.method in ("POST", "PUT", "PATCH"):  # chunked: count what arrives, stop at the limit
+            body = b""
+            async for piece in request.stream():
+                body += piece
+                if len(body) > state.max_body_bytes:
+                    return too_large
+            request._body = body  # Starlette hands a read body on to the route
         return await call_next(request)
 
     @app.exception_handler(APIError)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -96,6 +98,19 @@ def test_body_too_large_is_413(server):
     response = httpx.post(server.url + "/v1/completions", content=b"{" + b" " * (2 << 20) + b"}",
                           headers={"content-type": "application/json"}, timeout=30)
     assert response.status_code == 413 and "error" in response.json()
+
+    def chunked(body: bytes):  # a generator body: sent with Transfer-Encoding: chunked, no Content-Length
+        for i in range(0, len(body), 1 << 16):
+            yield body[i:i + (1 << 16)]
+
+    big = b'{"prompt": "' + b"a" * (2 << 20) + b'"}'
+    response = httpx.post(server.url + "/v1/completions", content=chunked(big),
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 413 and "error" in response.json()
+    small = json.dumps({"prompt": "say", "max_tokens": 2}).encode()
+    response = httpx.post(server.url + "/v1/completions", content=chunked(small),
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 200 and response.json()["object"] == "text_completion"
 
 
 def test_tutorial_endpoint_keeps_its_shape_and_answers_as_local_generation(server, adapters):
