@@ -4,11 +4,12 @@
 LoRA recipe on the same examples in the same order, three ways:
 
 * **tutorial** — our model driven exactly as the tutorial drives Apple's: padded batches (pad = eos, labels -100),
-  full-vocabulary fp32 logits at every position, gradient checkpointing on, eager attention with key/value heads
+  full-vocabulary fp32 logits at every position, full gradient checkpointing, eager attention with key/value heads
   repeated (``repeat_interleave``), PEFT's own LoRA dropout;
 * **elmtune** — the defaults of ``elmtune train``: packed rows, logits only at supervised positions, SDPA with
   native GQA, the cheaper CPU LoRA dropout mask, gradient checkpointing ``auto``;
-* **elmtune + ckpt** — the same with ``--gradient-checkpointing on``.
+* **elmtune + ckpt** — the same with ``--gradient-checkpointing on`` (selective checkpointing);
+* **elmtune + full ckpt** — the same with ``--gradient-checkpointing full`` (the tutorial's kind).
 
 It prints supervised tokens/s (and the ratio to the tutorial path), peak memory (and the ratio), the mean loss
 per supervised token, and model-FLOPs utilisation: useful FLOPs = 4 × matmul parameters per non-pad token
@@ -34,10 +35,11 @@ from .options import opt
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PATHS = {
-    "tutorial": dict(packing=False, full_logits=True, gradient_checkpointing="on", attn_implementation="eager",
+    "tutorial": dict(packing=False, full_logits=True, gradient_checkpointing="full", attn_implementation="eager",
                      fast_lora_dropout=False),
     "elmtune": dict(),
     "elmtune + ckpt": dict(gradient_checkpointing="on"),
+    "elmtune + full ckpt": dict(gradient_checkpointing="full"),
 }
 
 # The tutorial's script runs with PyTorch's defaults; elmtune sets huge-page allocation and a smaller oneDNN cache
@@ -99,6 +101,7 @@ def run_path(name: str, options: BenchTrainOptions, workdir: Path) -> dict:
     from transformers import TrainerCallback
 
     from .training import TrainOptions, setup
+    from .training.checkpointing import checkpointing_mode
 
     overrides = PATHS[name]
     train_options = TrainOptions(
@@ -146,7 +149,7 @@ def run_path(name: str, options: BenchTrainOptions, workdir: Path) -> dict:
     return {"path": name, "seconds": seconds, "tokens": sum(m[0] for m in timed),
             "supervised": sum(m[1] for m in timed), "computed": sum(m[2] for m in timed),
             "losses": losses, "peak_bytes": peak, "matmul_params": matmul_parameters(base),
-            "checkpointing": bool(run.trainer.args.activation_checkpointing)}
+            "checkpointing": checkpointing_mode(run.model)}
 
 
 def bench_train(options: BenchTrainOptions) -> dict:
@@ -182,7 +185,7 @@ def report(results: dict, peak_flops: float, options: BenchTrainOptions) -> None
     print(f"\nbench train: {options.model}, {options.precision}, batch {options.batch_size} × accumulation "
           f"{options.grad_accum}, {options.steps - 1} timed steps; matmul peak {peak_flops / 1e12:.3f} TFLOP/s "
           f"(measured now, {torch.get_num_threads()} threads)")
-    print(f"{'path':16} {'sup tok/s':>10} {'ratio':>6} {'tok/s':>8} {'pad %':>6} {'peak GiB':>9} {'ratio':>6} "
+    print(f"{'path':19} {'sup tok/s':>10} {'ratio':>6} {'tok/s':>8} {'pad %':>6} {'peak GiB':>9} {'ratio':>6} "
           f"{'loss':>8} {'MFU':>6} {'ckpt':>5}")
     for name, r in results.items():
         sup = r["supervised"] / r["seconds"]
@@ -192,8 +195,8 @@ def report(results: dict, peak_flops: float, options: BenchTrainOptions) -> None
         padding = 1 - r["tokens"] / r["computed"]
         ratio = f"{sup / (ref['supervised'] / ref['seconds']):.2f}" if ref else "-"
         mem = f"{r['peak_bytes'] / ref['peak_bytes']:.2f}" if ref else "-"
-        print(f"{name:16} {sup:>10.1f} {ratio:>6} {tok:>8.1f} {padding:>6.1%} {r['peak_bytes'] / 2**30:>9.2f} "
-              f"{mem:>6} {loss:>8.4f} {mfu:>6.1%} {'on' if r['checkpointing'] else 'off':>5}")
+        print(f"{name:19} {sup:>10.1f} {ratio:>6} {tok:>8.1f} {padding:>6.1%} {r['peak_bytes'] / 2**30:>9.2f} "
+              f"{mem:>6} {loss:>8.4f} {mfu:>6.1%} {r['checkpointing']:>5}")
     print("loss = mean training loss per supervised token over all steps (same examples, same order on every path)")
 
 

@@ -57,9 +57,11 @@ class TrainOptions(DataOptions):
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
     precision: str = opt("auto", "auto = bf16 where the GPU/CPU supports it, else fp32",
                          choices=("auto", "bf16", "fp16", "fp32"))
-    gradient_checkpointing: str = opt("auto", "recompute activations in the backward pass to save memory: on, off, "
-                                              "or auto (on when the estimated memory would not fit)",
-                                      choices=("auto", "on", "off"))
+    gradient_checkpointing: str = opt("auto", "recompute activations in backward to save memory. off: keep all; "
+                                              "on: selective, keep attention and the narrow projections' outputs, "
+                                              "recompute proj_1 and elementwise ops; full: keep only layer inputs "
+                                              "(the tutorial's); auto: the first of off, on, full that fits",
+                                      choices=("auto", "off", "on", "full"))
     packing: bool = opt(True, "padding-free batches: each micro-batch's examples in one row, attention kept inside "
                               "each example (same results as padded batches, less compute)")
     full_logits: bool = opt(False, "compute logits over the whole vocabulary at every position, as the tutorial "

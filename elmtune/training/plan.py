@@ -16,13 +16,24 @@ BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 def estimate_memory(config, n_params: int, n_trainable: int, tokens_per_micro_batch: int, precision: str,
-                    checkpointing: bool) -> dict:
-    """A rough per-device estimate in bytes: frozen weights, LoRA weights + grads + AdamW states, activations."""
+                    checkpointing: str) -> dict:
+    """A rough per-device estimate in bytes: frozen weights, LoRA weights + grads + AdamW states, activations.
+
+    ``checkpointing`` is the mode (off, on, full; see :mod:`elmtune.training.checkpointing`): what every layer keeps
+    until backward, plus one layer's full activations (the layer being recomputed, or the last one).
+    """
     width = BYTES[precision]
     d, layers = config.model_dim, config.num_transformer_layers
     widest_ffn = max(config.ffn_dim(i) for i in range(layers))
     per_layer = tokens_per_micro_batch * (6 * d + 3 * widest_ffn) * width  # what one layer keeps for backward
-    activations = (tokens_per_micro_batch * d * width * layers + per_layer) if checkpointing else per_layer * layers
+    if checkpointing == "off":
+        activations = per_layer * layers
+    elif checkpointing == "on":  # the layer input, qkv and attention outputs, out_proj and proj_2 outputs
+        kept = sum(config.head_dim * (2 * q + 2 * kv) + 3 * d
+                   for q, kv in zip(config.num_query_heads, config.num_kv_heads))
+        activations = tokens_per_micro_batch * kept * width + per_layer
+    else:  # full: the layer inputs only
+        activations = tokens_per_micro_batch * d * width * layers + per_layer
     logits = tokens_per_micro_batch * config.vocab_size * 4 * 2  # fp32 logits and their gradient
     parts = {"weights": n_params * width, "lora_and_optimizer": n_trainable * 16, "activations": activations + logits}
     parts["total"] = sum(parts.values())
@@ -82,15 +93,18 @@ def available_memory() -> int:
 
 
 def decide_checkpointing(options: TrainOptions, config, n_params: int, n_trainable: int, longest: int,
-                         precision: str) -> tuple[bool, str]:
-    """``--gradient-checkpointing`` on/off as asked; ``auto``: on only if the run would not fit without it."""
+                         precision: str) -> tuple[str, str]:
+    """The checkpointing mode (off, on, full) and why: as asked, or for ``auto`` the first of off → on → full
+    whose memory estimate fits in 70% of the memory available."""
     if options.gradient_checkpointing != "auto":
-        return options.gradient_checkpointing == "on", "as asked"
+        return options.gradient_checkpointing, "as asked"
     tokens = options.batch_size * longest
-    need = estimate_memory(config, n_params, n_trainable, tokens, precision, checkpointing=False)["total"]
     have = available_memory()
-    on = need > 0.7 * have
-    return on, f"auto: ~{need / 2**30:.1f} GiB needed without it, {have / 2**30:.1f} GiB available"
+    needs = {mode: estimate_memory(config, n_params, n_trainable, tokens, precision, mode)["total"]
+             for mode in ("off", "on")}
+    mode = next((m for m in ("off", "on") if needs[m] <= 0.7 * have), "full")
+    return mode, (f"auto: ~{needs['off'] / 2**30:.1f} GiB needed without it, ~{needs['on'] / 2**30:.1f} GiB "
+                  f"selective, {have / 2**30:.1f} GiB available")
 
 
 def count_parameters(config, options: TrainOptions) -> tuple[int, int]:
@@ -126,7 +140,7 @@ def plan_run(options: TrainOptions) -> dict:
         "longest_example": lengths[-1], "median_example": lengths[len(lengths) // 2],
         "global_batch": options.batch_size * options.grad_accum * world()[1],
         "steps_per_epoch": steps_per_epoch, "total_steps": steps,
-        "gradient_checkpointing": f"{'on' if checkpointing else 'off'} ({why})",
+        "gradient_checkpointing": f"{checkpointing} ({why})",
         "estimated_memory_gib": {k: round(v / 2**30, 2) for k, v in memory.items()},
         "estimated_disk_gib": round(disk / 2**30, 3),
     }

@@ -37,6 +37,7 @@ from ..tokenizer import Tokenizer, load_tokenizer
 from .args import TrainOptions
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses
 from .dropout import use_fast_dropout
+from .checkpointing import enable_checkpointing
 from .plan import count_parameters, count_steps, decide_checkpointing, estimate_disk, lora_config, plan_run, world
 from .safety import (MANIFEST, AtomicCheckpointTrainer, GracefulStop, NonFiniteGuard, RunLock, check_free_space,
                      is_complete, newest_complete_checkpoint, save_atomically)
@@ -208,7 +209,7 @@ def load_data(options: TrainOptions, tokenizer: Tokenizer, spec: DataSpec):
     return train_examples, eval_examples, stats
 
 
-def build_peft_model(options: TrainOptions, dtype: torch.dtype, checkpointing: bool):
+def build_peft_model(options: TrainOptions, dtype: torch.dtype, checkpointing: str):
     from peft import get_peft_model
 
     from ..models.loading import load_model
@@ -221,7 +222,7 @@ def build_peft_model(options: TrainOptions, dtype: torch.dtype, checkpointing: b
     if options.quantize == "4bit":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing != "off")
     lora = lora_config(options, task_type="CAUSAL_LM")
     torch.manual_seed(options.seed)  # LoRA A matrices are random: the same seed gives the same start
     peft_model = get_peft_model(model, lora)
@@ -233,6 +234,8 @@ def build_peft_model(options: TrainOptions, dtype: torch.dtype, checkpointing: b
         for module in peft_model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
+    # Set on the model here, not through TrainingArguments: the selective policy is a callable of this model.
+    enable_checkpointing(peft_model, checkpointing)
     return peft_model
 
 
@@ -251,8 +254,7 @@ def _bnb_4bit_config(options: TrainOptions):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def training_arguments(options: TrainOptions, out: Path, precision: str, has_eval: bool,
-                       checkpointing: bool) -> TrainingArguments:
+def training_arguments(options: TrainOptions, out: Path, precision: str, has_eval: bool) -> TrainingArguments:
     if options.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -266,8 +268,6 @@ def training_arguments(options: TrainOptions, out: Path, precision: str, has_eva
         num_train_epochs=options.epochs, max_steps=options.max_steps, lr_scheduler_type=options.lr_scheduler,
         warmup_steps=options.warmup_steps, weight_decay=options.weight_decay, max_grad_norm=options.max_grad_norm,
         bf16=precision == "bf16", fp16=precision == "fp16",
-        activation_checkpointing=checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         prediction_loss_only=True,
         logging_steps=options.logging_steps, save_steps=options.save_steps, save_total_limit=options.save_total_limit,
         eval_strategy="steps" if has_eval else "no", eval_steps=eval_steps if has_eval else None,
@@ -394,8 +394,8 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
         check_disk(options, out, trainable, len(train_examples), resume_from)
     longest = max(len(e.input_ids) for e in train_examples)
     checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, longest, precision)
-    log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
-    args = training_arguments(options, out, precision, bool(eval_examples), checkpointing)  # checks extras first
+    log.info("gradient checkpointing %s (%s)", checkpointing, why)
+    args = training_arguments(options, out, precision, bool(eval_examples))  # checks extras first
     model = build_peft_model(options, dtype, checkpointing)
     run.stop = GracefulStop()
     run.trainer = AtomicCheckpointTrainer(
