@@ -16,6 +16,7 @@ Shapes in comments: b = batch, s = new tokens, t = cached + new tokens, h = head
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -156,12 +157,20 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     """Causal attention inside each document of one packed row: ``[1, h, t, d]`` → ``[1, t, h, d]``.
 
     One small causal SDPA call per document (native GQA, no mask): no ``t × t`` mask is built and no attention
-    is computed across documents, which is both exact and cheaper than masking a full packed row.
+    is computed across documents, which is both exact and cheaper than masking a full packed row.  On CPU, 16-bit
+    inputs are attended in fp32: PyTorch's CPU flash-attention backward runs about 3× faster in fp32 than in bf16
+    here (0.7 s against 2.4 s per step of the 270M bench), and rounds less; the output is cast back.
     """
-    pieces = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                             scale=scaling, enable_gqa=True)
-              for a, b in zip(document_bounds[:-1], document_bounds[1:])]
-    return torch.cat(pieces, dim=2).transpose(1, 2)
+    dtype = query.dtype
+    upcast = query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    if upcast:
+        query, key, value = query.float(), key.float(), value.float()
+    # CPU autocast lists SDPA among the ops it runs in bf16: it would cast the fp32 inputs straight back.
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        pieces = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                                 scale=scaling, enable_gqa=True)
+                  for a, b in zip(document_bounds[:-1], document_bounds[1:])]
+    return torch.cat(pieces, dim=2).transpose(1, 2).to(dtype)
 
 
 class OpenELMMultiHeadCausalAttention(nn.Module):

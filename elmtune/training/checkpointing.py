@@ -6,9 +6,9 @@
 * ``on`` — *selective*: each layer is run again in backward, but the outputs of attention and of the three
   narrow frozen projections (``attn.qkv_proj``, ``attn.out_proj``, ``ffn.proj_2``) are kept from the forward pass
   (PyTorch's selective activation checkpointing), so the recomputation is ``ffn.proj_1`` — the widest output of a
-  layer, ``[tokens, 2 × ffn_dim]`` — plus elementwise work.  Per token and layer that keeps
-  ``qkv + 2 × model_dim + 2 × q_heads × head_dim`` values (≈ 11 KB in bf16 for the 270M model) against the
-  ≈ 33 KB a layer keeps without checkpointing;
+  layer, ``[tokens, 2 × ffn_dim]`` — plus elementwise work.  Per token and layer that keeps the layer input,
+  the qkv, out_proj and proj_2 outputs and the attention output (≈ 14 KB for the 270M model in bf16, the
+  attention output being fp32 on CPU) against ≈ 32 KB without checkpointing;
 * ``full`` — only each layer's input is kept and the whole layer runs twice (the tutorial's checkpointing):
   least memory, one full forward pass more;
 * ``auto`` — the first of off, on, full whose memory estimate fits (:func:`elmtune.training.plan.decide_checkpointing`).

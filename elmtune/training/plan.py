@@ -28,10 +28,10 @@ def estimate_memory(config, n_params: int, n_trainable: int, tokens_per_micro_ba
     per_layer = tokens_per_micro_batch * (6 * d + 3 * widest_ffn) * width  # what one layer keeps for backward
     if checkpointing == "off":
         activations = per_layer * layers
-    elif checkpointing == "on":  # the layer input, qkv and attention outputs, out_proj and proj_2 outputs
-        kept = sum(config.head_dim * (2 * q + 2 * kv) + 3 * d
+    elif checkpointing == "on":  # the layer input, qkv, out_proj and proj_2 outputs; attention output + lse (fp32)
+        kept = sum((config.head_dim * (q + 2 * kv) + 3 * d) * width + (config.head_dim + 1) * q * 4
                    for q, kv in zip(config.num_query_heads, config.num_kv_heads))
-        activations = tokens_per_micro_batch * kept * width + per_layer
+        activations = tokens_per_micro_batch * kept + per_layer
     else:  # full: the layer inputs only
         activations = tokens_per_micro_batch * d * width * layers + per_layer
     logits = tokens_per_micro_batch * config.vocab_size * 4 * 2  # fp32 logits and their gradient

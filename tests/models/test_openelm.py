@@ -84,6 +84,22 @@ def test_packed_row_equals_documents_alone():
     assert (unpacked[5:8] - model(torch.tensor([docs[1]])).logits[0]).abs().max() > 1e-2
 
 
+def test_packed_attention_on_cpu_runs_16_bit_inputs_in_fp32_even_under_autocast():
+    """The CPU flash-attention backward is much faster in fp32 than in bf16, so packed rows are attended in fp32
+    (from the same bf16 inputs) — autocast, which casts SDPA's inputs down, must not undo that."""
+    from elmtune.models.openelm import packed_sdpa_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 24, 16, generator=g).to(torch.bfloat16) for h in (4, 2, 2))
+    bounds = [0, 10, 24]
+    expected = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b].float(), k[:, :, a:b].float(),
+                                                         v[:, :, a:b].float(), is_causal=True, enable_gqa=True)
+                          for a, b in zip(bounds[:-1], bounds[1:])], dim=2).transpose(1, 2).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = packed_sdpa_attention(None, q, k, v, bounds, q.shape[-1] ** -0.5)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
 @torch.no_grad()
 def test_long_prompt_and_cached_decoding_past_apples_limits():
     """Apple's code breaks past 2,048 cached / 4,096 prompt tokens; ours takes 8,192 and keeps going."""
