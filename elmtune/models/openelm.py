@@ -320,7 +320,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     The forward pass also computes the gradients (softmax − one-hot, projected back through ``weight``), so no
     ``[rows, vocab]`` logits are kept for backward and none are recomputed: only ``grad_hidden [rows, D]`` (and
-    ``grad_weight`` if the head is trained) is stored.  Logits and softmax are in fp32.
+    ``grad_weight`` if the head is trained) is stored.  Logits are computed in ``weight``'s dtype and the softmax
+    and loss in fp32, as the tutorial's path does; every chunk reuses the same two ``[chunk, vocab]`` buffers and
+    works in place (fresh tensors of that size cost page faults on every chunk on CPU).
     """
 
     @staticmethod
@@ -328,16 +330,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        rows = min(chunk_size, hidden.shape[0])
+        logits = torch.empty((rows, weight.shape[0]), dtype=weight.dtype, device=hidden.device)
+        probs = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
-            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-            logits = F.linear(h, weight).float()  # [chunk, vocab]
-            log_probs = logits.log_softmax(-1)
-            total -= log_probs.gather(1, t[:, None]).sum()
-            grad_logits = log_probs.exp_()  # softmax, in place
-            grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1.0
-            grad_hidden[start:start + chunk_size] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            h, t = hidden[start:start + chunk_size].to(weight.dtype), targets[start:start + chunk_size]
+            n = h.shape[0]
+            low, p = logits[:n], probs[:n]
+            torch.mm(h, weight.t(), out=low)
+            p.copy_(low)  # fp32 logits [n, vocab]
+            target_logit = p.gather(1, t[:, None])
+            top = p.amax(-1, keepdim=True)
+            sums = p.sub_(top).exp_().sum(-1, keepdim=True)
+            total += (top + sums.log() - target_logit).sum()  # cross-entropy = logsumexp - target logit
+            p.div_(sums)  # softmax
+            p[torch.arange(n, device=t.device), t] -= 1.0  # softmax - one-hot = d loss / d logits
+            low.copy_(p)
+            grad_hidden[start:start + n] = low @ weight
             if grad_weight is not None:
-                grad_weight += grad_logits.T @ h.float()
+                grad_weight += p.T @ h.float()
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
         ctx.weight_dtype = weight.dtype
         return total
