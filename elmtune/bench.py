@@ -7,7 +7,8 @@ LoRA recipe on the same examples in the same order, three ways:
   full-vocabulary fp32 logits at every position, full gradient checkpointing, eager attention with key/value heads
   repeated (``repeat_interleave``), PEFT's own LoRA dropout;
 * **elmtune** — the defaults of ``elmtune train``: packed rows, logits only at supervised positions, SDPA with
-  native GQA, the cheaper CPU LoRA dropout mask, gradient checkpointing ``auto``;
+  native GQA, the cheaper CPU LoRA dropout mask, the LoRA update fused into one addmm, gradient checkpointing
+  ``auto``;
 * **elmtune + ckpt** — the same with ``--gradient-checkpointing on`` (selective checkpointing);
 * **elmtune + full ckpt** — the same with ``--gradient-checkpointing full`` (the tutorial's kind).
 
@@ -36,7 +37,7 @@ from .options import opt
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PATHS = {
     "tutorial": dict(packing=False, full_logits=True, gradient_checkpointing="full", attn_implementation="eager",
-                     fast_lora_dropout=False),
+                     fast_lora_dropout=False, fused_lora=False),
     "elmtune": dict(),
     "elmtune + ckpt": dict(gradient_checkpointing="on"),
     "elmtune + full ckpt": dict(gradient_checkpointing="full"),

@@ -40,6 +40,8 @@ class TrainOptions(DataOptions):
     lora_dropout: float = opt(0.1, "dropout on the LoRA input")
     fast_lora_dropout: bool = opt(True, "on CPU, draw LoRA dropout masks from 16-bit random numbers (~2x cheaper "
                                         "than PEFT's; p rounded to a multiple of 1/65536)")
+    fused_lora: bool = opt(True, "add the LoRA update to the frozen layer's output in one addmm (PEFT writes, "
+                                 "scales and adds it in three passes; same sum, rounded once)")
     lora_targets: list[str] = opt(TUTORIAL_TARGETS, "module names to adapt (repeat the flag; replaces the default)")
     use_dora: bool = opt(False, "DoRA: weight-decomposed LoRA")
     use_rslora: bool = opt(False, "rank-stabilised LoRA scaling")

@@ -38,6 +38,7 @@ from .args import TrainOptions
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses
 from .dropout import use_fast_dropout
 from .checkpointing import enable_checkpointing
+from .fused_lora import use_fused_lora
 from .plan import count_parameters, count_steps, decide_checkpointing, estimate_disk, lora_config, plan_run, world
 from .safety import (MANIFEST, AtomicCheckpointTrainer, GracefulStop, NonFiniteGuard, RunLock, check_free_space,
                      is_complete, newest_complete_checkpoint, save_atomically)
@@ -228,6 +229,8 @@ def build_peft_model(options: TrainOptions, dtype: torch.dtype, checkpointing: s
     peft_model = get_peft_model(model, lora)
     if options.fast_lora_dropout:
         use_fast_dropout(peft_model)
+    if options.fused_lora:
+        use_fused_lora(peft_model)
     if dtype != torch.float32:
         # Training runs under autocast, which casts the LoRA matmuls to `dtype` anyway; PEFT's default upcast of
         # every LoRA input to the adapter's fp32 only costs a full copy per adapted layer (and fp32 dropout).

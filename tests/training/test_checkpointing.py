@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from elmtune.training.checkpointing import KEPT_PROJECTIONS, checkpointing_mode, enable_checkpointing
 from elmtune.training.dropout import use_fast_dropout
+from elmtune.training.fused_lora import use_fused_lora
 from tests.helpers import tiny_model
 
 TARGETS = ["token_embeddings", "qkv_proj", "out_proj", "proj_1", "proj_2"]
@@ -20,6 +21,7 @@ def lora_model(mode: str):
     torch.manual_seed(1)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=TARGETS))
     use_fast_dropout(peft_model)
+    use_fused_lora(peft_model)  # as elmtune trains: the recomputation must replay the fused forward too
     with torch.no_grad():  # B (and embedding A) start at zero: make every adapter matter so all gradients count
         for name, p in peft_model.named_parameters():
             if p.requires_grad:
