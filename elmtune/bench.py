@@ -1,7 +1,7 @@
 """``elmtune bench train`` and ``elmtune bench generate``: measured figures, not claims.
 
 ``bench train`` runs, in one invocation and each in its own process (so peak memory is its own), the same
-LoRA recipe on the same examples in the same order, three ways:
+LoRA recipe on the same examples in the same order, four ways:
 
 * **tutorial** — our model driven exactly as the tutorial drives Apple's: padded batches (pad = eos, labels -100),
   full-vocabulary fp32 logits at every position, full gradient checkpointing, eager attention with key/value heads

@@ -14,8 +14,9 @@
 * ``auto`` — the first of off, on, full whose memory estimate fits (:func:`elmtune.training.plan.decide_checkpointing`).
 
 The policy recognises a kept projection by the address of its frozen weight (the matmul's weight operand is a
-transposed view of it), so LoRA's own small matmuls, and anything that copies the weight (e.g. a quantized base),
-are simply recomputed.
+transposed view of it), so LoRA's own small matmuls are recomputed.  Where weights are copied or replaced — a
+4-bit base, FSDP sharding — nothing would be recognised, and ``full`` is used instead
+(:func:`selective_unsupported`).
 """
 
 from __future__ import annotations
@@ -39,10 +40,19 @@ _ATTENTION = {getattr(_aten, name).default for name in (
     "_scaled_dot_product_fused_attention_overrideable") if hasattr(_aten, name)}
 
 
-def kept_weights(model: nn.Module) -> list[torch.Tensor]:
-    """The frozen weights of the projections whose outputs selective checkpointing keeps."""
-    return [module.weight for name, module in model.named_modules()
+def kept_projections(model: nn.Module) -> list[nn.Linear]:
+    """The frozen projections whose outputs selective checkpointing keeps."""
+    return [module for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and name.removesuffix(".base_layer").endswith(KEPT_PROJECTIONS)]
+
+
+def selective_unsupported(quantize: str, distributed: str, world_size: int) -> str | None:
+    """Why selective checkpointing would keep nothing in this run (then ``full`` is used), or None."""
+    if quantize != "none":
+        return "a quantized base multiplies by a dequantized copy of each weight, which the policy cannot recognise"
+    if distributed == "fsdp" and world_size > 1:
+        return "FSDP replaces the weights it shards"
+    return None
 
 
 class SelectivePolicy:
@@ -50,12 +60,13 @@ class SelectivePolicy:
     matmuls with a kept projection's weight; recompute everything else."""
 
     def __init__(self, model: nn.Module):
-        self.weights = kept_weights(model)
-        if not self.weights:
+        self.projections = kept_projections(model)
+        if not self.projections:
             raise ValueError(f"no {', '.join(KEPT_PROJECTIONS)} found: selective checkpointing needs an OpenELM model")
 
     def __call__(self):
-        addresses = {w.data_ptr() for w in self.weights}  # read per call: the weights may have moved since
+        # Read at every call from the modules (not kept tensors): the weights may have moved since.
+        addresses = {module.weight.data_ptr() for module in self.projections}
 
         def policy(ctx, op, *args, **kwargs):
             if op in _ATTENTION or (op in _MATMULS and args[-1].data_ptr() in addresses):

@@ -11,6 +11,7 @@ from ..data import DataSpec
 from ..models.loading import build_on_meta, load_config
 from ..tokenizer import load_tokenizer
 from .args import TrainOptions
+from .checkpointing import selective_unsupported
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -25,7 +26,9 @@ def estimate_memory(config, n_params: int, n_trainable: int, tokens_per_micro_ba
     width = BYTES[precision]
     d, layers = config.model_dim, config.num_transformer_layers
     widest_ffn = max(config.ffn_dim(i) for i in range(layers))
-    per_layer = tokens_per_micro_batch * (6 * d + 3 * widest_ffn) * width  # what one layer keeps for backward
+    # What one layer keeps for backward; attention's inputs and output counted in fp32 (as on CPU, see openelm.py).
+    attention = config.head_dim * max(2 * q + 2 * kv for q, kv in zip(config.num_query_heads, config.num_kv_heads))
+    per_layer = tokens_per_micro_batch * ((6 * d + 3 * widest_ffn) * width + 4 * attention)
     if checkpointing == "off":
         activations = per_layer * layers
     elif checkpointing == "on":  # the layer input, qkv, out_proj and proj_2 outputs; attention output + lse (fp32)
@@ -96,15 +99,20 @@ def decide_checkpointing(options: TrainOptions, config, n_params: int, n_trainab
                          precision: str) -> tuple[str, str]:
     """The checkpointing mode (off, on, full) and why: as asked, or for ``auto`` the first of off → on → full
     whose memory estimate fits in 70% of the memory available."""
+    unsupported = selective_unsupported(options.quantize, options.distributed, world()[1])
+    if options.gradient_checkpointing == "on" and unsupported:
+        return "full", f"selective asked, but {unsupported}"
     if options.gradient_checkpointing != "auto":
         return options.gradient_checkpointing, "as asked"
     tokens = options.batch_size * longest
     have = available_memory()
+    candidates = ("off",) if unsupported else ("off", "on")
     needs = {mode: estimate_memory(config, n_params, n_trainable, tokens, precision, mode)["total"]
-             for mode in ("off", "on")}
-    mode = next((m for m in ("off", "on") if needs[m] <= 0.7 * have), "full")
-    return mode, (f"auto: ~{needs['off'] / 2**30:.1f} GiB needed without it, ~{needs['on'] / 2**30:.1f} GiB "
-                  f"selective, {have / 2**30:.1f} GiB available")
+             for mode in candidates}
+    mode = next((m for m in candidates if needs[m] <= 0.7 * have), "full")
+    selective = f"~{needs['on'] / 2**30:.1f} GiB selective" if "on" in needs else f"no selective: {unsupported}"
+    return mode, (f"auto: ~{needs['off'] / 2**30:.1f} GiB needed without it, {selective}, "
+                  f"{have / 2**30:.1f} GiB available")
 
 
 def count_parameters(config, options: TrainOptions) -> tuple[int, int]:

@@ -262,7 +262,8 @@ def training_arguments(options: TrainOptions, out: Path, precision: str, has_eva
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise TrainError("--tensorboard needs the tensorboard package: pip install 'elmtune[tensorboard]'") from None
+            raise TrainError("--tensorboard needs the tensorboard package: "
+                             "pip install 'elmtune[tensorboard]'") from None
     eval_steps = options.eval_steps or options.save_steps
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
@@ -397,7 +398,8 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
         check_disk(options, out, trainable, len(train_examples), resume_from)
     longest = max(len(e.input_ids) for e in train_examples)
     checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, longest, precision)
-    log.info("gradient checkpointing %s (%s)", checkpointing, why)
+    overridden = options.gradient_checkpointing not in ("auto", checkpointing)
+    (log.warning if overridden else log.info)("gradient checkpointing %s (%s)", checkpointing, why)
     args = training_arguments(options, out, precision, bool(eval_examples))  # checks extras first
     model = build_peft_model(options, dtype, checkpointing)
     run.stop = GracefulStop()
@@ -406,7 +408,9 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
         train_dataset=_Features(train_examples), eval_dataset=_Features(eval_examples) if eval_examples else None,
         data_collator=make_collator(tokenizer, options.packing),
         callbacks=[MetricsCallback(out / "metrics.jsonl"), ProgressCallback(),
-                   *([] if torch.cuda.is_available() else [ReleaseFreedMemory()]), NonFiniteGuard(options.nan_policy, out / "checkpoints"), run.stop, *([tensorboard_callback(out)] if options.tensorboard else []), *callbacks],
+                   *([] if torch.cuda.is_available() else [ReleaseFreedMemory()]),
+                   NonFiniteGuard(options.nan_policy, out / "checkpoints"), run.stop,
+                   *([tensorboard_callback(out)] if options.tensorboard else []), *callbacks],
     )
     run.trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs; metrics.jsonl keeps them
     return run

@@ -111,3 +111,20 @@ def test_auto_takes_the_first_mode_that_fits(monkeypatch):
         assert plan.decide_checkpointing(options, config, params, trainable, longest, "bf16")[0] == expected
     assert plan.decide_checkpointing(TrainOptions(gradient_checkpointing="on"), config, params, trainable, longest,
                                      "bf16") == ("on", "as asked")
+
+
+def test_selective_falls_back_to_full_where_it_would_keep_nothing(monkeypatch):
+    """A 4-bit base multiplies by dequantized copies of its weights, which the policy cannot recognise."""
+    from elmtune.models.configuration_openelm import OpenELMConfig
+    from elmtune.training import TrainOptions, plan
+
+    config = OpenELMConfig.from_preset("openelm-270m")
+    mode, why = plan.decide_checkpointing(TrainOptions(gradient_checkpointing="on", quantize="4bit"), config,
+                                          270_000_000, 10_000_000, 384, "bf16")
+    assert mode == "full" and "quantized" in why
+    need_on = plan.estimate_memory(config, 270_000_000, 10_000_000, 8 * 384, "bf16", "on")["total"]
+    monkeypatch.setattr(plan, "available_memory", lambda: int(need_on / 0.6))  # selective would fit, off would not
+    assert plan.decide_checkpointing(TrainOptions(gradient_checkpointing="auto", batch_size=8), config,
+                                     270_000_000, 10_000_000, 384, "bf16")[0] == "on"
+    assert plan.decide_checkpointing(TrainOptions(gradient_checkpointing="auto", batch_size=8, quantize="4bit"),
+                                     config, 270_000_000, 10_000_000, 384, "bf16")[0] == "full"

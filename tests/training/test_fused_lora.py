@@ -42,12 +42,15 @@ def test_same_loss_and_gradients_as_peft():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_bf16_autocast_is_as_close_to_fp32_as_peft_is():
-    """Under bf16 autocast the fused sum is rounded once instead of three times: no further from fp32 than PEFT."""
-    reference, _ = loss_and_grads(lora_model(fused=False))
-    peft_bf16, _ = loss_and_grads(lora_model(fused=False), torch.bfloat16)
-    fused_bf16, _ = loss_and_grads(lora_model(fused=True), torch.bfloat16)
-    assert abs(fused_bf16 - reference) <= max(abs(peft_bf16 - reference), 2e-2 * reference)
+def test_bf16_autocast_matches_peft_within_bf16_rounding():
+    """Under bf16 autocast the two differ only in rounding (the fused sum is rounded once, PEFT's three times):
+    loss within 3e-3 (a 10% error in the LoRA scale moves it by 1e-2) and every gradient within 10% in norm
+    (that error moves some by 40%)."""
+    peft_loss, peft_grads = loss_and_grads(lora_model(fused=False), torch.bfloat16)
+    fused_loss, fused_grads = loss_and_grads(lora_model(fused=True), torch.bfloat16)
+    assert abs(fused_loss - peft_loss) <= 3e-3
+    for name, grad in peft_grads.items():
+        assert (fused_grads[name] - grad).norm() <= 0.1 * grad.norm(), name
 
 
 @pytest.mark.parametrize("case", ["merged", "disabled", "two adapters"])
