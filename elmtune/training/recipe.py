@@ -14,6 +14,7 @@ LoRA on our native OpenELM.  Everything a run writes lands in ``output_dir``::
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -445,6 +446,10 @@ def train(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()) 
     finally:
         run.close()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # tear the process group down before exit: gloo's threads otherwise race interpreter shutdown
+            # Free the trainer (its DDP wrapper holds the process group) while every rank is still here, then tear
+            # the group down together.  Freed later, by a destructor after another rank had exited, a gloo group
+            # could wait forever: a rare hang at exit, seen with the trainer still alive until train() returned.
+            run.trainer = None
+            gc.collect()
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +16,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from tests.helpers import REPO_ROOT, tiny_model, tiny_run_inputs
+
+TIMEOUT = 240  # seconds for one training run (they take ~10 s)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -32,10 +36,19 @@ def train_cli(directory, out, *extra, nproc: int = 1):
             "--gradient-checkpointing", "off", *extra]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                 str(free_port())] if nproc > 1 else [sys.executable]
-    result = subprocess.run([*launcher, "-m", "elmtune.cli", *args], capture_output=True, text=True, cwd=REPO_ROOT,
-                            timeout=240, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    # A hang (e.g. at exit) fails with every process's Python stack: faulthandler dumps them on SIGABRT.
+    process = subprocess.Popen([*launcher, "-m", "elmtune.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, start_new_session=True,
+                               env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+                                    "PYTHONFAULTHANDLER": "1"})
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"timed out after {TIMEOUT} s; stacks:\n{stderr[-8000:]}")
+    assert process.returncode == 0, stderr[-4000:]
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def free_port() -> int:
