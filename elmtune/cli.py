@@ -199,10 +199,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .inference import complete, load_pipeline
+    from .inference import complete, load_pipeline, read_metadata
 
+    pairs = _prompt_pairs(args, read_metadata(args.adapter))  # bad prompts fail before a model is loaded
     pipeline = load_pipeline(args.model, args.adapter, args.tokenizer, args.template)
-    pairs = _prompt_pairs(args, pipeline.metadata)
     results = complete(pipeline, [pipeline.render(i, x) for i, x in pairs], _sampling(args), args.batch_size)
     lines = [json.dumps({"index": n, **r.to_dict()}, ensure_ascii=False) for n, r in enumerate(results)]
     if args.output:

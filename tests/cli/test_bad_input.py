@@ -149,3 +149,17 @@ def test_bad_command_line_arguments(capsys, tmp_path, tokenizer_dir, extra, frag
 def test_debug_shows_the_traceback(capsys, tmp_path, tokenizer_dir):
     with pytest.raises(ValueError):
         main(["--debug", *dry_run(tokenizer_dir, tmp_path, write(tmp_path / "e.json", ""))])
+
+
+def test_generate_checks_its_prompts_before_loading_any_model(tmp_path, capsys, monkeypatch):
+    import elmtune.inference
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the prompts were checked")
+
+    monkeypatch.setattr(elmtune.inference, "load_pipeline", no_loading)
+    code, _, err = run(capsys, ["generate", "--model", "openelm-270m", "-p", "x", "-p", "y", "--input", "z"])
+    assert code == 2 and "--input goes with exactly one --prompt" in err
+    bad = write(tmp_path / "prompts.jsonl", '{"instruction": "a", "input": ""}\n{"instruction": 3, "input": ""}\n')
+    code, _, err = run(capsys, ["generate", "--model", "openelm-270m", "--prompts", str(bad), "--fields", "zh"])
+    assert code == 2 and "prompts.jsonl" in err and "record 1" in err
