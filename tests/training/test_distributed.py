@@ -97,12 +97,14 @@ def test_two_rank_resume_equals_an_uninterrupted_two_rank_run(setup_dir, tmp_pat
     assert changed.returncode == 2 and "2 processes" in changed.stderr and "1 process" in changed.stderr
 
 
-def test_fsdp_on_two_cpu_ranks_saves_an_adapter_stock_peft_loads(setup_dir, tmp_path):
+def test_fsdp_on_two_cpu_ranks_trains_what_one_process_trains_and_stock_peft_loads_it(setup_dir, tmp_path):
     out = tmp_path / "fsdp"
     train_cli(setup_dir, out, "--batch-size", "2", "--distributed", "fsdp", nproc=2)
+    train_cli(setup_dir, tmp_path / "single", "--batch-size", "4")
+    trained = adapter(out)
+    assert_same(adapter(tmp_path / "single"), trained)  # sharded base, same global batch: the same adapter
+    assert any(k.endswith("lora_B.weight") and trained[k].abs().max() > 0 for k in trained)
     model = PeftModel.from_pretrained(tiny_model(), out).eval()
     with torch.no_grad():
         logits = model(torch.tensor([[1, 5, 6, 7]])).logits
     assert torch.isfinite(logits).all()
-    trained = adapter(out)
-    assert any(k.endswith("lora_B.weight") and trained[k].abs().max() > 0 for k in trained)
