@@ -171,7 +171,8 @@ def _generate_parser(p: argparse.ArgumentParser) -> None:
 def _prompt_pairs(args: argparse.Namespace, metadata: dict) -> list[tuple[str, str]]:
     from pathlib import Path
 
-    from .data import Fields, read_records
+    from .data import read_records
+    from .inference import prompt_fields
 
     if args.input and len(args.prompt or []) != 1:
         raise UsageError("--input goes with exactly one --prompt; for several, use a --prompts JSONL file")
@@ -181,9 +182,7 @@ def _prompt_pairs(args: argparse.Namespace, metadata: dict) -> list[tuple[str, s
         if path.suffix == ".txt":
             pairs += [(line, "") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         else:
-            spec = args.fields or (",".join(f"{k}={v}" for k, v in metadata["fields"].items() if v)
-                                   if "fields" in metadata else "en")
-            fields = Fields.parse(spec)
+            fields = prompt_fields(metadata, args.fields)
             for record in read_records([str(path)]):
                 if "prompt" in record.values and isinstance(record.values["prompt"], str):
                     pairs.append((record.values["prompt"], ""))

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import DataSpec, EncodeStats, Fields, read_records
+from .data import DataSpec, EncodeStats, read_records
 from .data.encode import encode_records
-from .inference import Pipeline, SamplingOptions, complete, load_pipeline
+from .inference import Pipeline, SamplingOptions, complete, load_pipeline, prompt_fields
 
 class _RougeTokenizer:
     """Words for Latin text, single characters for CJK (rouge-score's default drops CJK entirely)."""
@@ -77,8 +77,7 @@ def run_eval(data: list[str], adapter: str, output_dir: str, model: str | None =
              limit: int | None = None) -> dict:
     pipeline = load_pipeline(model=model, adapter=adapter, tokenizer=tokenizer, template=template)
     meta = pipeline.metadata
-    fields_spec = fields or (",".join(f"{k}={v}" for k, v in meta["fields"].items() if v) if "fields" in meta else "en")
-    spec = DataSpec(pipeline.template, Fields.parse(fields_spec), int(meta.get("max_length", 384)))
+    spec = DataSpec(pipeline.template, prompt_fields(meta, fields), int(meta.get("max_length", 384)))
     raw = list(itertools.islice(read_records(data), limit))  # read once, and only as far as --limit
     examples = encode_records(raw, pipeline.tokenizer, spec, EncodeStats())
     by_place = {(r.source, r.index): r for r in raw}  # examples left without an answer are dropped: pair by place

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-from .data import Template
+from .data import Fields, Template
 from .options import opt
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -54,6 +54,17 @@ def read_metadata(adapter: str | Path | None) -> dict:
         return {}
     path = Path(adapter) / METADATA_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def prompt_fields(metadata: dict, override: str | None = None) -> Fields:
+    """The record fields prompts are read from: ``override`` (a ``--fields`` spec), else those the adapter was
+    trained with (its metadata), else the ``en`` preset."""
+    if override:
+        return Fields.parse(override)
+    recorded = metadata.get("fields")
+    if recorded:
+        return Fields(recorded["instruction"], recorded.get("input") or None, recorded["output"])
+    return Fields.parse("en")
 
 
 def _has_tokenizer(directory: Path) -> bool:

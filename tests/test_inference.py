@@ -72,3 +72,13 @@ def test_sampling_is_seedable(adapter):
     sampling = SamplingOptions(max_new_tokens=8, temperature=1.5, top_k=20, seed=11)
     first = [r.output for r in complete(pipeline, prompts, sampling)]
     assert first == [r.output for r in complete(pipeline, prompts, sampling)]
+
+
+def test_prompt_fields_come_from_the_flag_then_the_adapter_then_en():
+    from elmtune.data import Fields
+    from elmtune.inference import prompt_fields
+
+    recorded = {"fields": {"instruction": "q", "input": None, "output": "a"}}
+    assert prompt_fields(recorded) == Fields("q", None, "a")
+    assert prompt_fields(recorded, "zh") == Fields.parse("zh")
+    assert prompt_fields({}) == Fields.parse("en") == Fields("en_instruction", "en_input", "en_output")
