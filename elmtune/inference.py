@@ -63,7 +63,11 @@ def prompt_fields(metadata: dict, override: str | None = None) -> Fields:
         return Fields.parse(override)
     recorded = metadata.get("fields")
     if recorded:
-        return Fields(recorded["instruction"], recorded.get("input") or None, recorded["output"])
+        try:
+            return Fields(recorded["instruction"], recorded.get("input") or None, recorded["output"])
+        except (KeyError, TypeError, AttributeError):
+            raise ValueError(f"the adapter's {METADATA_FILE} has unreadable fields {recorded!r}: "
+                             "pass --fields") from None
     return Fields.parse("en")
 
 

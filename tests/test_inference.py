@@ -82,3 +82,5 @@ def test_prompt_fields_come_from_the_flag_then_the_adapter_then_en():
     assert prompt_fields(recorded) == Fields("q", None, "a")
     assert prompt_fields(recorded, "zh") == Fields.parse("zh")
     assert prompt_fields({}) == Fields.parse("en") == Fields("en_instruction", "en_input", "en_output")
+    with pytest.raises(ValueError, match="unreadable fields"):
+        prompt_fields({"fields": {"instruction": "q"}})
