@@ -33,6 +33,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to
 from .configuration_openelm import OpenELMConfig
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apple's arithmetic: ``x / rms(x)`` in fp32, cast back, times ``weight``; also returns the inverse RMS."""
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+    return (x32 * rstd).type_as(x) * weight, rstd
+
+
 class _RMSNorm(torch.autograd.Function):
     """``x / rms(x)`` in fp32, cast back, times ``weight`` — saving only ``x`` and the ``[..., 1]`` inverse RMS.
 
@@ -42,10 +49,9 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+        out, rstd = _rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return (x32 * rstd).type_as(x) * weight
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -70,8 +76,7 @@ class OpenELMRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return _RMSNorm.apply(x, self.weight, self.eps)
-        x32 = x.float()  # inference: the same arithmetic, without an autograd Function per call
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return _rms_norm(x, self.weight, self.eps)[0]  # inference: no autograd Function per call
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,10 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return JSONResponse(APIError(status, message, type, param, code).body(), status_code=status)
 
 
+def _too_large(limit: int) -> JSONResponse:
+    return _error(413, f"request body over {limit} bytes", code="request_too_large")
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="elmtune", version=__version__,
                   description="OpenELM (+ LoRA adapters) behind the tutorial's API and an OpenAI-compatible API.")
@@ -29,18 +33,17 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.middleware("http")
     async def limit_body(request: HTTPRequest, call_next):
-        too_large = _error(413, f"request body over {state.max_body_bytes} bytes", code="request_too_large")
         length = request.headers.get("content-length")
         if length is not None:
             if not length.isdigit() or int(length) > state.max_body_bytes:
-                return too_large
+                return _too_large(state.max_body_bytes)
         elif request.method in ("POST", "PUT", "PATCH"):  # chunked: count what arrives, stop at the limit
-            body = b""
+            body = bytearray()
             async for piece in request.stream():
                 body += piece
                 if len(body) > state.max_body_bytes:
-                    return too_large
-            request._body = body  # Starlette hands a read body on to the route
+                    return _too_large(state.max_body_bytes)
+            request._body = bytes(body)  # Starlette hands a read body on to the route
         return await call_next(request)
 
     @app.exception_handler(APIError)

@@ -8,7 +8,8 @@
   (PyTorch's selective activation checkpointing), so the recomputation is ``ffn.proj_1`` — the widest output of a
   layer, ``[tokens, 2 × ffn_dim]`` — plus elementwise work.  Per token and layer that keeps the layer input,
   the qkv, out_proj and proj_2 outputs and the attention output (≈ 14 KB for the 270M model in bf16, the
-  attention output being fp32 on CPU) against ≈ 32 KB without checkpointing;
+  attention output being fp32 on CPU, by :func:`~elmtune.training.plan.estimate_memory`'s count) against
+  ≈ 32 KB without checkpointing;
 * ``full`` — only each layer's input is kept and the whole layer runs twice (the tutorial's checkpointing):
   least memory, one full forward pass more;
 * ``auto`` — the first of off, on, full whose memory estimate fits (:func:`elmtune.training.plan.decide_checkpointing`).
