@@ -1,10 +1,22 @@
-"""Shared fixtures (helpers live in ``tests/helpers.py``)."""
+"""Shared fixtures (helpers live in ``tests/helpers.py``), and the ``gpu`` marker's skip on machines without CUDA."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import shared_path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are collected everywhere and skipped, with the reason, where no CUDA GPU is present."""
+    if torch.cuda.is_available():
+        return
+    reason = (f"needs a CUDA GPU; torch {torch.__version__} sees none here "
+              f"({'a CPU build' if torch.version.cuda is None else 'no device visible'})")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture
