@@ -76,14 +76,20 @@ def _has_tokenizer(directory: Path) -> bool:
 
 
 def load_pipeline(model: str | None = None, adapter: str | None = None, tokenizer: str | None = None,
-                  template: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None,
+                  template: str | None = None, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
                   adapter_name: str = "default") -> Pipeline:
     """Base model (a directory, hub id or preset) plus an optional adapter directory.
 
     Without ``model``, the adapter's recorded base model is used; without ``tokenizer``, the adapter's copy,
     then the model directory's; without ``template``, the adapter's training template (else ``openelm-sep``).
+    ``device`` and ``dtype`` default to the best present (:mod:`elmtune.device`: the GPU in bf16 where it is
+    native, …); the weights are loaded in ``dtype`` and then moved, so a 3B model never sits in fp32 on the GPU.
     """
+    from .device import pick_device, pick_dtype
     from .models.loading import load_model
+
+    device = pick_device(device)
+    dtype = pick_dtype(device, dtype)
 
     metadata = read_metadata(adapter)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
@@ -103,8 +109,7 @@ def load_pipeline(model: str | None = None, adapter: str | None = None, tokenize
         from peft import PeftModel
 
         net = PeftModel.from_pretrained(net, adapter, adapter_name=adapter_name)
-    if device:
-        net = net.to(device)
+    net = net.to(device)
     return Pipeline(net.eval(), load_tokenizer(tokenizer_dir), chosen, metadata)
 
 
