@@ -34,7 +34,8 @@ import torch
 
 from .options import opt
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# The read-only data folder beside the checkout (ELMTUNE_SHARED points elsewhere, e.g. a copy carried to a GPU host).
+SHARED = Path(os.environ.get("ELMTUNE_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 PATHS = {
     "tutorial": dict(packing=False, full_logits=True, gradient_checkpointing="full", attn_implementation="eager",
                      fast_lora_dropout=False, fused_lora=False),
@@ -56,28 +57,37 @@ class BenchTrainOptions:
     steps: int = opt(4, "optimizer steps per path; the first is warm-up and not timed")
     batch_size: int = opt(8, "examples per micro-batch (the tutorial's 8)")
     grad_accum: int = opt(2, "micro-batches per step (the tutorial uses 4; fewer keeps the bench short)")
-    precision: str = opt("bf16", "bf16 (the tutorial's) or fp32", choices=("bf16", "fp32"))
+    precision: str = opt("bf16", "bf16 (the tutorial's), fp16 (GPUs before Ampere) or fp32",
+                         choices=("bf16", "fp16", "fp32"))
+    device: str = opt("auto", "where to train: auto (the GPU if there is one), cuda, mps or cpu",
+                      choices=("auto", "cuda", "mps", "cpu"))
     paths: list[str] = opt(list(PATHS), "which paths to run (repeatable)")
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 8) -> float:
-    """Measured FLOP/s of a square matmul on this device (the ceiling for MFU)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", repeats: int = 8) -> float:
+    """Measured FLOP/s of a square matmul on ``device`` (the ceiling for MFU): 2,048² on a CPU, 8,192² on a GPU
+    (smaller products there measure kernel launches, not the tensor cores)."""
+    device = torch.device(device)
+    size = 2048 if device.type == "cpu" else 8192
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
     for _ in range(2):
         a @ b
-    _sync()
+    _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync()
+    _sync(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
+def _sync(device: torch.device | str | None = None) -> None:
+    """Wait for the device's queued work, so a timer measures it (CPU work is synchronous)."""
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
         torch.cuda.synchronize()
+    elif kind == "mps":
+        torch.mps.synchronize()
 
 
 def matmul_parameters(model) -> int:
@@ -108,7 +118,8 @@ def run_path(name: str, options: BenchTrainOptions, workdir: Path) -> dict:
     train_options = TrainOptions(
         model=options.model, tokenizer=options.tokenizer, data=[options.data], output_dir=str(workdir / "run"),
         overwrite=True, batch_size=options.batch_size, grad_accum=options.grad_accum, max_steps=options.steps,
-        lr=1e-4, precision=options.precision, save_steps=10**6, logging_steps=1, seed=0, **overrides)
+        lr=1e-4, precision=options.precision, device=options.device, save_steps=10**6, logging_steps=1, seed=0,
+        **overrides)
     run = setup(train_options)
     if name == "tutorial":  # the tutorial's script hands no freed memory back to the OS
         from .training.recipe import ReleaseFreedMemory
@@ -133,11 +144,12 @@ def run_path(name: str, options: BenchTrainOptions, workdir: Path) -> dict:
                 stamps.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
-            _sync()
+            _sync(args.device)
             stamps.append(time.perf_counter())
 
     run.trainer.add_callback(Clock())
-    if torch.cuda.is_available():
+    on_cuda = run.trainer.args.device.type == "cuda"
+    if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     run.trainer.train()
     accum = options.grad_accum
@@ -145,7 +157,7 @@ def run_path(name: str, options: BenchTrainOptions, workdir: Path) -> dict:
     seconds = stamps[-1] - stamps[1]
     losses = [h["loss"] for h in run.trainer.state.log_history if "loss" in h]
     base = run.model.base_model.model
-    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+    peak = (torch.cuda.max_memory_allocated() if on_cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"path": name, "seconds": seconds, "tokens": sum(m[0] for m in timed),
             "supervised": sum(m[1] for m in timed), "computed": sum(m[2] for m in timed),
@@ -166,8 +178,13 @@ def bench_train(options: BenchTrainOptions) -> dict:
             else:
                 options.data = str(tmp / "generated.json")
                 _generated_records(Path(options.data))
-        dtype = torch.bfloat16 if options.precision == "bf16" else torch.float32
-        peak_flops = matmul_peak(dtype)
+        from .device import DTYPES, pick_device
+
+        if options.tokenizer and not Path(options.tokenizer).exists():
+            raise ValueError(f"--tokenizer {options.tokenizer}: not found (the bench reads the Llama-2 tokenizer from "
+                             "../shared, or ELMTUNE_SHARED, by default; pass --tokenizer DIR)")
+        device = pick_device(options.device)
+        peak_flops = matmul_peak(DTYPES[options.precision], device)
         results = {}
         for name in options.paths:
             print(f"[bench] running the {name!r} path …", flush=True)
@@ -177,15 +194,19 @@ def bench_train(options: BenchTrainOptions) -> dict:
             if out.returncode != 0:
                 raise RuntimeError(f"bench path {name!r} failed:\n{out.stderr[-3000:]}")
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    report(results, peak_flops, options)
+    report(results, peak_flops, options, device)
     return {"peak_flops": peak_flops, "paths": results}
 
 
-def report(results: dict, peak_flops: float, options: BenchTrainOptions) -> None:
+def report(results: dict, peak_flops: float, options: BenchTrainOptions, device: torch.device) -> None:
+    from .device import describe
+
     ref = results.get("tutorial")
-    print(f"\nbench train: {options.model}, {options.precision}, batch {options.batch_size} × accumulation "
+    where = describe(device, torch.float32).rsplit(",", 1)[0]
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"\nbench train: {options.model} on {where}, {options.precision}, batch {options.batch_size} × accumulation "
           f"{options.grad_accum}, {options.steps - 1} timed steps; matmul peak {peak_flops / 1e12:.3f} TFLOP/s "
-          f"(measured now, {torch.get_num_threads()} threads)")
+          f"(measured now{threads})")
     print(f"{'path':19} {'sup tok/s':>10} {'ratio':>6} {'tok/s':>8} {'pad %':>6} {'peak GiB':>9} {'ratio':>6} "
           f"{'loss':>8} {'MFU':>6} {'ckpt':>5}")
     for name, r in results.items():
@@ -206,19 +227,19 @@ class BenchGenerateOptions:
     model: str = opt("openelm-270m", "preset (random init) or checkpoint directory")
     new_tokens: int = opt(64, "tokens to generate per sequence")
     prompt_tokens: int = opt(32, "prompt length")
-    precision: str = opt("bf16", "weights dtype", choices=("bf16", "fp32"))
+    dtype: str = opt("bf16", "weight dtype (auto: the device's native one)", choices=("auto", "bf16", "fp16", "fp32"))
+    device: str = opt("auto", "cuda, cuda:N, mps or cpu (auto: the GPU if there is one)")
 
 
 @torch.no_grad()
 def bench_generate(options: BenchGenerateOptions) -> dict:
     """Greedy decode tokens/s with the KV cache, batch 1 and batch 8."""
+    from .device import describe, pick_device, pick_dtype
     from .models.loading import load_model
 
-    dtype = torch.bfloat16 if options.precision == "bf16" else torch.float32
-    model = load_model(options.model, dtype=dtype).eval()
-    if torch.cuda.is_available():
-        model = model.cuda()
-    device = next(model.parameters()).device
+    device = pick_device(options.device)
+    dtype = pick_dtype(device, options.dtype)
+    model = load_model(options.model, dtype=dtype, device=device).eval()
     results = {}
     for batch in (1, 8):
         ids = torch.randint(3, model.config.vocab_size, (batch, options.prompt_tokens), device=device,
@@ -226,14 +247,15 @@ def bench_generate(options: BenchGenerateOptions) -> dict:
         kwargs = dict(max_new_tokens=options.new_tokens, min_new_tokens=options.new_tokens, do_sample=False,
                       pad_token_id=0, eos_token_id=2)
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=2)
-        _sync()
+        _sync(device)
         start = time.perf_counter()
         model.generate(ids, **kwargs)
-        _sync()
+        _sync(device)
         seconds = time.perf_counter() - start
         results[batch] = batch * options.new_tokens / seconds
-    print(f"bench generate: {options.model}, {options.precision}, prompt {options.prompt_tokens} tokens, "
-          f"{options.new_tokens} new tokens, greedy with KV cache, {torch.get_num_threads()} threads")
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"bench generate: {options.model} on {describe(device, dtype)}, prompt {options.prompt_tokens} tokens, "
+          f"{options.new_tokens} new tokens, greedy with KV cache{threads}")
     for batch, rate in results.items():
         print(f"  batch {batch}: {rate:8.1f} tokens/s")
     return results

@@ -136,13 +136,22 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_arguments(p: argparse.ArgumentParser, adapter: bool = True) -> None:
+def _model_arguments(p: argparse.ArgumentParser, adapter: bool = True, dtype: bool = True) -> None:
     p.add_argument("--model", "-m", help="base model: checkpoint directory, hub id or preset (default: the base "
                                         "recorded with the adapter)")
     if adapter:
         p.add_argument("--adapter", "-a", help="an `elmtune train` output directory (or any PEFT adapter)")
     p.add_argument("--tokenizer", help="tokenizer directory or id (default: the adapter's copy, then the model's)")
     p.add_argument("--template", help="prompt template override (default: the one the adapter was trained with)")
+    _device_arguments(p, dtype)
+
+
+def _device_arguments(p: argparse.ArgumentParser, dtype: bool = True) -> None:
+    from .device import DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP
+
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    if dtype:
+        p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=f"{DTYPE_HELP} (default: auto)")
 
 
 def _sampling(args: argparse.Namespace):
@@ -201,7 +210,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .inference import complete, load_pipeline, read_metadata
 
     pairs = _prompt_pairs(args, read_metadata(args.adapter))  # bad prompts fail before a model is loaded
-    pipeline = load_pipeline(args.model, args.adapter, args.tokenizer, args.template)
+    pipeline = load_pipeline(args.model, args.adapter, args.tokenizer, args.template, args.dtype, args.device)
     results = complete(pipeline, [pipeline.render(i, x) for i, x in pairs], _sampling(args), args.batch_size)
     lines = [json.dumps({"index": n, **r.to_dict()}, ensure_ascii=False) for n, r in enumerate(results)]
     if args.output:
@@ -228,16 +237,17 @@ def _run_chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession, chat_loop
     from .inference import load_pipeline
 
-    pipeline = load_pipeline(args.model, args.adapter, args.tokenizer, args.template)
+    pipeline = load_pipeline(args.model, args.adapter, args.tokenizer, args.template, args.dtype, args.device)
     return chat_loop(ChatSession(pipeline, _sampling(args)))
 
 
 def _merge_parser(p: argparse.ArgumentParser) -> None:
-    _model_arguments(p, adapter=False)
+    _model_arguments(p, adapter=False, dtype=False)  # the merge is computed in fp32 on --device
     p.add_argument("adapter", help="the adapter directory to merge")
     p.add_argument("--output-dir", "-o", required=True, help="where the standalone model goes")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="weight dtype of the merged checkpoint (default: float32)")
+                   help="weight dtype of the merged checkpoint; the merge itself is computed in fp32 "
+                        "(default: float32, lossless)")
     p.add_argument("--max-shard-size", default="2GB", help="shard the safetensors above this size (default: 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
 
@@ -246,7 +256,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     from .merge import merge
 
     result = merge(args.adapter, args.output_dir, model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
-                   max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                   max_shard_size=args.max_shard_size, overwrite=args.overwrite, device=args.device)
     print(f"merged model written to {result['output_dir']} ({', '.join(result['files'])})"
           + ("; the embedding was adapted, so the output head is untied (lm_head = base embedding)"
              if result["untied_head"] else ""))
@@ -261,12 +271,15 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fold-head", action="store_true", help="for a model with its own output head: use the input "
                                                             "embedding as the head (llama.cpp has no separate one) "
                                                             "and report the measured logit change")
+    p.add_argument("--device", default="auto", help="where --fold-head measures the logit change (weights are "
+                                                    "converted on the CPU; --type sets the file's dtype). "
+                                                    "cuda, cuda:N, mps or cpu (default: auto)")
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from .export_gguf import export_gguf
 
-    result = export_gguf(args.model, args.output, args.type, args.tokenizer, args.fold_head)
+    result = export_gguf(args.model, args.output, args.type, args.tokenizer, args.fold_head, args.device)
     print(f"wrote {result['output']} ({result['type']}, {result['tensors']} tensors, {result['bytes']:,} bytes)")
     if "max_logit_change_from_fold" in result:
         print(f"folding the head changed logits by up to {result['max_logit_change_from_fold']:.4f}")
@@ -288,7 +301,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if not args.adapter:
         raise UsageError("--adapter is required: eval compares the base model with base + adapter")
     report = run_eval(args.data, args.adapter, args.output_dir, args.model, args.tokenizer, args.template,
-                      args.fields, args.max_new_tokens, args.limit)
+                      args.fields, args.max_new_tokens, args.limit, dtype=args.dtype, device=args.device)
     from .evaluate import markdown
 
     print(markdown(report))
@@ -311,13 +324,11 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context)")
-    p.add_argument("--device", help="cuda, cpu, … (default: cuda if available)")
+    _device_arguments(p)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     import os
-
-    import torch
 
     from .serve import build_state, serve
 
@@ -332,10 +343,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     limits = {"max_tokens_limit": args.max_tokens_limit, "default_max_tokens": args.default_max_tokens}
     if args.max_prompt_tokens:
         limits["max_prompt_tokens"] = args.max_prompt_tokens
-    device = args.device or ("cuda" if torch.cuda.is_available() else None)
     state = build_state(args.model, adapters, args.tokenizer, args.template,
                         api_key=args.api_key or os.environ.get("ELMTUNE_API_KEY"),
-                        max_batch_size=args.max_batch_size, device=device, **limits)
+                        max_batch_size=args.max_batch_size, device=args.device, dtype=args.dtype, **limits)
     print(f"serving {', '.join(state.model_names)} on http://{args.host}:{args.port}/ "
           f"(chat page at /, OpenAI API at /v1{', API key required' if state.api_key else ''})")
     serve(state, args.host, args.port)

@@ -74,8 +74,9 @@ def evaluate_model(pipeline: Pipeline, examples, records, max_new_tokens: int, u
 
 def run_eval(data: list[str], adapter: str, output_dir: str, model: str | None = None, tokenizer: str | None = None,
              template: str | None = None, fields: str | None = None, max_new_tokens: int = 128,
-             limit: int | None = None) -> dict:
-    pipeline = load_pipeline(model=model, adapter=adapter, tokenizer=tokenizer, template=template)
+             limit: int | None = None, dtype: str | torch.dtype = "auto", device: str = "auto") -> dict:
+    pipeline = load_pipeline(model=model, adapter=adapter, tokenizer=tokenizer, template=template, dtype=dtype,
+                             device=device)
     meta = pipeline.metadata
     spec = DataSpec(pipeline.template, prompt_fields(meta, fields), int(meta.get("max_length", 384)))
     raw = list(itertools.islice(read_records(data), limit))  # read once, and only as far as --limit

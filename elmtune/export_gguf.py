@@ -39,14 +39,21 @@ def check_supported(config) -> None:
 
 
 @torch.no_grad()
-def measure_head_fold(model) -> float:
-    """Max |Δlogit| on probe inputs when the untied head is replaced by the input embedding."""
+def measure_head_fold(model, device: str = "auto") -> float:
+    """Max |Δlogit| on probe inputs when the untied head is replaced by the input embedding (in fp32, on
+    ``device``; the model is back on the CPU afterwards)."""
+    from .device import pick_device
+
+    target = pick_device(device)
     vocab = model.config.vocab_size
-    ids = torch.tensor([[t % vocab for t in row] for row in _PROBE[:1]])
-    exact = model(ids).logits
-    hidden = model.transformer(ids).last_hidden_state
-    folded = hidden @ model.transformer.token_embeddings.weight.T
-    return (exact - folded).abs().max().item()
+    ids = torch.tensor([[t % vocab for t in row] for row in _PROBE[:1]], device=target)
+    try:
+        hidden = model.to(target).transformer(ids).last_hidden_state  # one pass; both heads read the same states
+        exact = hidden @ model.lm_head.weight.T
+        folded = hidden @ model.transformer.token_embeddings.weight.T
+        return (exact - folded).abs().max().item()
+    finally:
+        model.to("cpu")
 
 
 def _vocab(tokenizer_dir: Path, n_vocab: int):
@@ -93,7 +100,7 @@ def _tensor_data(name: str, tensor: torch.Tensor, file_type: str):
 
 
 def export_gguf(model_dir: str, output: str, file_type: str = "f16", tokenizer: str | None = None,
-                fold_head: bool = False) -> dict:
+                fold_head: bool = False, device: str = "auto") -> dict:
     """Write ``output`` (a .gguf file); returns a summary (tensors, size, any measured head change)."""
     import gguf
 
@@ -116,7 +123,7 @@ def export_gguf(model_dir: str, output: str, file_type: str = "f16", tokenizer: 
                 "--lora-targets, or pass --fold-head to use the adapted embedding as the head (the export then "
                 "reports the measured logit change)")
         else:
-            summary["max_logit_change_from_fold"] = measure_head_fold(model)
+            summary["max_logit_change_from_fold"] = measure_head_fold(model, device)
 
     L = config.num_transformer_layers
     ffn_dims = [config.ffn_dim(i) for i in range(L)]

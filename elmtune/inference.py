@@ -104,12 +104,12 @@ def load_pipeline(model: str | None = None, adapter: str | None = None, tokenize
         raise InferenceError("no tokenizer found with the adapter or the model; pass --tokenizer")
     chosen = Template.parse(template) if template else (
         Template(**metadata["template"]) if "template" in metadata else Template.parse("openelm-sep"))
-    net = load_model(model, dtype=dtype)
+    net = load_model(model, dtype=dtype, device=device)
     if adapter is not None:
         from peft import PeftModel
 
         net = PeftModel.from_pretrained(net, adapter, adapter_name=adapter_name)
-    net = net.to(device)
+    net = net.to(device)  # the adapter's weights too
     return Pipeline(net.eval(), load_tokenizer(tokenizer_dir), chosen, metadata)
 
 

@@ -64,17 +64,20 @@ def save_apple_checkpoint(model, directory: Path, max_shard_size: str) -> None:
 
 
 def merge(adapter: str, output_dir: str, model: str | None = None, tokenizer: str | None = None,
-          dtype: str = "float32", max_shard_size: str = "2GB", overwrite: bool = False) -> dict:
-    """Write base + adapter as a standalone model directory; returns what was done."""
+          dtype: str = "float32", max_shard_size: str = "2GB", overwrite: bool = False, device: str = "auto") -> dict:
+    """Write base + adapter as a standalone model directory; returns what was done.
+
+    The adapter is folded in fp32 on ``device`` (default: the GPU when there is one), whatever ``dtype`` the
+    checkpoint is then written in: a delta folded into 16-bit weights would be rounded twice."""
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MergeError(f"--output-dir {out} is not empty; pass --overwrite to replace its model files")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    pipeline = load_pipeline(model=model, adapter=adapter, tokenizer=tokenizer, dtype=torch.float32)
+    pipeline = load_pipeline(model=model, adapter=adapter, tokenizer=tokenizer, dtype=torch.float32, device=device)
     merged, untied = merge_adapter(pipeline.model)
     tmp = out.with_name(out.name + ".tmp-merge")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_apple_checkpoint(merged.to(torch_dtype), tmp, max_shard_size)
+    save_apple_checkpoint(merged.to(device="cpu", dtype=torch_dtype), tmp, max_shard_size)
     pipeline.tokenizer.save(tmp)
     if pipeline.metadata:
         (tmp / METADATA_FILE).write_text(json.dumps({**pipeline.metadata, "merged_from": str(adapter)}, indent=2))

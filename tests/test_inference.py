@@ -28,7 +28,8 @@ def test_template_round_trip_from_training_metadata(adapter):
 @pytest.mark.parametrize("penalty", [1.0, 1.2])
 def test_batched_greedy_equals_one_at_a_time(adapter, penalty):
     _, adapter_dir = adapter
-    pipeline = load_pipeline(adapter=str(adapter_dir))
+    # fp32: in 16-bit, a batch's padded matmuls may round differently from a lone prompt's (in any framework)
+    pipeline = load_pipeline(adapter=str(adapter_dir), dtype="fp32")
     prompts = [pipeline.render("say", x) for x in ("a", "b c d e f g h", "x y", "hello hi say a b c")]
     sampling = SamplingOptions(max_new_tokens=12, repetition_penalty=penalty)
     batched = complete(pipeline, prompts, sampling, batch_size=4)

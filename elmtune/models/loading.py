@@ -47,12 +47,21 @@ def build_on_meta(config: OpenELMConfig) -> OpenELMForCausalLM:
         return OpenELMForCausalLM(config)
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, **from_pretrained_kwargs) -> OpenELMForCausalLM:
-    """Weights from a checkpoint directory or hub id, or a seeded random init for a preset."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, device: str | torch.device | None = None,
+               **from_pretrained_kwargs) -> OpenELMForCausalLM:
+    """Weights from a checkpoint directory or hub id, or a seeded random init for a preset.
+
+    With ``device``, the weights are created (preset) or read (checkpoint) straight onto it, in ``dtype``: a 3B
+    model never passes through host memory in fp32 on its way to the GPU.  The random init of a preset draws
+    from the CPU's generator either way, so a seed gives the same weights on every device.
+    """
     if spec in PRESETS:
         torch.manual_seed(seed)
         attn = from_pretrained_kwargs.get("attn_implementation")
         config = OpenELMConfig.from_preset(spec, **({"attn_implementation": attn} if attn else {}))
-        return OpenELMForCausalLM._from_config(config, dtype=dtype)  # built in `dtype`: no fp32 copy on the way
+        model = OpenELMForCausalLM._from_config(config, dtype=dtype)  # built in `dtype`: no fp32 copy on the way
+        return model.to(device) if device is not None else model
     load_config(spec)  # the clear errors for a wrong spec, before anything heavy
+    if device is not None and "device_map" not in from_pretrained_kwargs:
+        from_pretrained_kwargs["device_map"] = {"": torch.device(device)}
     return OpenELMForCausalLM.from_pretrained(model_dir(spec), dtype=dtype, **from_pretrained_kwargs)
