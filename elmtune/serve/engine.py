@@ -1,10 +1,14 @@
 """The generation engine behind the server: a worker thread that batches queued requests into one forward pass.
 
 Requests wait in a queue; the worker takes up to ``max_batch_size`` of them at once, left-pads their prompts
-and decodes them together step by step with one KV cache, each row with its own adapter (PEFT mixed-adapter
-batches), sampling settings, seed and stop strings.  Text is handed to each request's asyncio queue as it is
-produced, so a slow reader never blocks the worker, and a request whose client went away is dropped from its
-batch at the next step (its slot is free as soon as its batch ends, at the latest).
+and decodes them together step by step with one KV cache, each row with its own adapter (PEFT), sampling
+settings, seed and stop strings.  Text is handed to each request's asyncio queue as it is produced, so a slow
+reader never blocks the worker, and a request whose client went away is dropped from its batch at the next step.
+
+A decode step makes the host wait for the device once: the whole batch is sampled on the device (:class:`Sampler`),
+the sampled tokens are the next step's input as they are, and one ``.tolist()`` of them feeds the host-side work
+(text, stop strings, eos, lengths).  What the host must know about the batch's shape (each row's length, so its
+padding) it tracks itself instead of reading the attention mask back.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from transformers import DynamicCache
 from ..inference import cut_at_stop
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+GREEDY_BELOW = 1e-4  # a temperature under this is greedy (0 means greedy; dividing by a tiny one would overflow)
 
 
 @dataclass
@@ -79,31 +84,53 @@ class TextStream:
         return delta
 
 
-def pick_tokens(logits: torch.Tensor, rows: list[Sampling], seen: list[torch.Tensor],
-                generators: list[torch.Generator | None]) -> list[int]:
-    """Next token for each row of ``logits [b, vocab]`` with that row's own settings; ``seen[i] [vocab]`` marks
-    the tokens of row i's prompt and output (for the repetition penalty)."""
-    tokens = []
-    for i, s in enumerate(rows):
-        scores = logits[i].float()
-        if s.repetition_penalty != 1.0:
-            penalised = torch.where(scores < 0, scores * s.repetition_penalty, scores / s.repetition_penalty)
-            scores = torch.where(seen[i], penalised, scores)
-        if s.temperature < 1e-4:  # 0 means greedy; dividing by a tiny temperature would overflow anyway
-            tokens.append(int(scores.argmax()))
-            continue
-        scores = scores / s.temperature
-        if s.top_k:
-            kth = torch.topk(scores, min(s.top_k, scores.numel())).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if s.top_p < 1.0:
-            ordered, order = scores.sort(descending=True)
-            probs = ordered.softmax(-1)
-            drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest set reaching top_p
-            scores[order[drop]] = float("-inf")
-        probs = scores.softmax(-1)
-        tokens.append(int(torch.multinomial(probs, 1, generator=generators[i])))
-    return tokens
+class Sampler:
+    """The next token of every row of a batch at once, on the device, each row with its own settings.
+
+    Settings live in ``[b, 1]`` tensors (built once per batch composition, not per step).  Greedy rows take the
+    argmax; the others are drawn by an exponential race (``argmax(p / E)``, ``E ~ Exp(1)``: token i wins with
+    probability p_i), with the noise of a seeded row drawn from that row's own generator, so its draws do not
+    depend on the batch it shares.  Top-k and top-p are applied in one sort of the scores.
+    """
+
+    def __init__(self, settings: list[Sampling], generators: list[torch.Generator | None], vocab: int,
+                 device: torch.device):
+        greedy = [s.temperature < GREEDY_BELOW for s in settings]
+        self.all_greedy = all(greedy)
+        self.penalised = any(s.repetition_penalty != 1.0 for s in settings)
+        sampled = [s for s, g in zip(settings, greedy) if not g]
+        self.filtered = any(s.top_k or s.top_p < 1.0 for s in sampled)
+        self.seeded = [(i, gen) for i, (gen, g) in enumerate(zip(generators, greedy)) if gen is not None and not g]
+        table = torch.tensor([[s.repetition_penalty for s in settings],
+                              [1.0 if g else s.temperature for s, g in zip(settings, greedy)],
+                              [min(s.top_k or vocab, vocab) - 1 for s in settings],  # the k-th's sorted index
+                              [s.top_p for s in settings],
+                              greedy], dtype=torch.float32).to(device)  # one copy to the device per batch change
+        self.penalty, self.temperature, self.top_p = table[0, :, None], table[1, :, None], table[3, :, None]
+        self.kth, self.greedy = table[2, :, None].long(), table[4].bool()
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """``logits [b, vocab]`` → tokens ``[b]`` (on the device); ``seen [b, vocab]`` marks each row's prompt and
+        output tokens (for the repetition penalty)."""
+        scores = logits.float()
+        if self.penalised:  # a row with penalty 1 is unchanged: x * 1 and x / 1 are exact
+            penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+            scores = torch.where(seen, penalised, scores)
+        greedy = scores.argmax(-1)
+        if self.all_greedy:
+            return greedy
+        scores = scores / self.temperature
+        if self.filtered:
+            ordered, order = scores.sort(-1, descending=True)
+            cut = ordered < ordered.gather(-1, self.kth)  # top-k: below the k-th score (ties with it stay)
+            probs = ordered.masked_fill(cut, float("-inf")).softmax(-1)
+            cut |= (probs.cumsum(-1) - probs > self.top_p) & (self.top_p < 1.0)  # top-p: the smallest set reaching p
+            scores = scores.masked_fill(torch.zeros_like(cut).scatter(-1, order, cut), float("-inf"))
+        noise = torch.empty_like(scores).exponential_()  # unseeded rows: the default generator
+        for i, generator in self.seeded:
+            noise[i].exponential_(generator=generator)
+        sampled = (scores.softmax(-1) / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
+        return torch.where(self.greedy, greedy, sampled)
 
 
 @dataclass
@@ -112,11 +139,62 @@ class _Row:
 
     request: Request
     stream: TextStream
-    seen: torch.Tensor  # [vocab] bool: tokens of the prompt and output so far
     generator: torch.Generator | None
-    pending: int = -1  # the sampled token the next forward pass feeds in
+    length: int  # the mask columns this row attends to (prompt and tokens fed back): its last `length` columns
     generated: int = 0
     done: bool = False
+
+
+@dataclass
+class _Batch:
+    """The running batch: its rows, and what the device holds for them (row i at index i everywhere)."""
+
+    rows: list[_Row]
+    cache: DynamicCache
+    mask: torch.Tensor  # [b, t] long: 1 where a row attends (left padding)
+    seen: torch.Tensor  # [b, vocab] bool: tokens of each row's prompt and output (for the repetition penalty)
+    sampler: Sampler
+    tokens: torch.Tensor | None = None  # [b] long: each row's last sampled token, the next step's input
+
+    def merge(self, other: _Batch) -> _Batch:
+        self.cache, self.mask = _merge(self.cache, self.mask, other.cache, other.mask)
+        self.rows = self.rows + other.rows
+        self.tokens, self.seen = torch.cat([self.tokens, other.tokens]), torch.cat([self.seen, other.seen])
+        self.sampler = _sampler(self.rows, self.seen)
+        return self
+
+    def drop_done(self) -> _Batch | None:
+        """Remove finished rows, and the leading columns no remaining row attends to (None when none is left).
+
+        The kept rows' index is the one host→device copy here, and only when rows leave: it comes right after a
+        step's read-back, when the device has no queued work to wait for."""
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        if not keep:
+            return None
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, device=self.mask.device)
+            self.cache.batch_select_indices(index)
+            self.mask, self.tokens, self.seen = self.mask[index], self.tokens[index], self.seen[index]
+            self.rows = [self.rows[i] for i in keep]
+            self.sampler = _sampler(self.rows, self.seen)
+            first = self.mask.shape[1] - max(r.length for r in self.rows)  # known here: no need to ask the mask
+            if first:
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+                self.mask = self.mask[:, first:]
+        return self
+
+
+def _sampler(rows: list[_Row], seen: torch.Tensor) -> Sampler:
+    return Sampler([r.request.sampling for r in rows], [r.generator for r in rows], seen.shape[1], seen.device)
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
 
 
 class Engine:
@@ -137,6 +215,8 @@ class Engine:
         self.prefills = 0  # prefill passes (each admits one or more new requests)
         self.device = next(model.parameters()).device
         self.peft = hasattr(model, "peft_config")
+        self._adapter_layers_on: bool | None = None  # unknown until the first batch sets it
+        self._active_adapter = getattr(model, "active_adapter", None)
         self._closing = False
         self._thread = threading.Thread(target=self._work, name="elmtune-engine", daemon=True)
         self._thread.start()
@@ -177,69 +257,102 @@ class Engine:
         return taken
 
     def _work(self) -> None:
-        rows: list[_Row] = []
-        cache, mask = None, None
+        batch: _Batch | None = None
         while not self._closing:
-            new = self._take(block=not rows, room=self.max_batch_size - len(rows))
+            new = self._take(block=batch is None, room=self.max_batch_size - (len(batch.rows) if batch else 0))
             try:
                 if new:
-                    new_rows, new_cache, new_mask = self._prefill(new)
-                    cache, mask = (new_cache, new_mask) if cache is None else _merge(cache, mask, new_cache, new_mask)
-                    rows += new_rows
-                    rows, cache, mask = _drop_done(rows, cache, mask)
-                if rows:
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # the pending tokens' column
-                    self._step(rows, cache, mask)
-                    rows, cache, mask = _drop_done(rows, cache, mask)
+                    joined = self._prefill(new)
+                    batch = (joined if batch is None else batch.merge(joined)).drop_done()
+                if batch is not None:
+                    self._step(batch)
+                    batch = batch.drop_done()
             except Exception as error:  # never let one bad batch kill the server: fail its requests
-                failed = [row.request for row in rows] + [r for r in new if all(r is not row.request for row in rows)]
+                running = [row.request for row in batch.rows] if batch is not None else []
+                failed = running + [r for r in new if all(r is not known for known in running)]
                 for request in failed:
                     request.emit("error", f"generation failed: {type(error).__name__}: {error}")
-                rows, cache, mask = [], None, None
-            if not rows:
-                cache, mask = None, None
-            self.active = len(rows)
+                batch = None
+            self.active = len(batch.rows) if batch is not None else 0
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, rows: list[_Row]) -> torch.Tensor:
-        extra = {"adapter_names": [r.request.adapter or BASE for r in rows]} if self.peft else {}
-        out = self.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1, **extra)
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, cache: DynamicCache, rows: list[_Row],
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                         logits_to_keep=1, **self._adapters_for(rows))
         return out.logits[:, -1]
 
+    def _adapters_for(self, rows: list[_Row]) -> dict:
+        """Set the PEFT model up for these rows' adapters; returns the keyword its forward pass then needs.
+
+        Only a mixed batch takes PEFT's mixed-adapter path (``adapter_names``: every LoRA layer splits its input
+        by adapter, with index lists copied to the device layer by layer).  When every row uses one adapter, that
+        adapter is made the active one; when every row uses the base, the adapter layers are switched off — each
+        only when it changes, not per step (``disable_adapter()`` as a context would switch them off and on, and
+        survey the model, at every step)."""
+        if not self.peft:
+            return {}
+        names = [r.request.adapter or BASE for r in rows]
+        if len(set(names)) > 1:
+            self._adapter_layers(on=True)
+            return {"adapter_names": names}
+        self._adapter_layers(on=names[0] != BASE)
+        if names[0] != BASE and names[0] != self._active_adapter:
+            self.model.set_adapter(names[0], inference_mode=True)
+            self._active_adapter = names[0]
+        return {}
+
+    def _adapter_layers(self, on: bool) -> None:
+        if on != self._adapter_layers_on:
+            (self.model.base_model.enable_adapter_layers if on else self.model.base_model.disable_adapter_layers)()
+            self._adapter_layers_on = on
+
     @torch.no_grad()
-    def _prefill(self, requests: list[Request]) -> tuple[list[_Row], DynamicCache, torch.Tensor]:
+    def _prefill(self, requests: list[Request]) -> _Batch:
         tok = self.tokenizer
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.tensor([[tok.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests],
                            device=self.device)
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
                             device=self.device)
-        rows = []
-        for r in requests:
-            generator = None
-            if r.sampling.seed is not None:
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(r.sampling.seed)
-            seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-            seen[torch.tensor(r.prompt_ids, device=self.device)] = True
-            rows.append(_Row(r, TextStream(tok.decode, r.sampling.stop), seen, generator))
+        rows = [_Row(r, TextStream(tok.decode, r.sampling.stop), _generator(r.sampling.seed, self.device),
+                     len(r.prompt_ids)) for r in requests]
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, cache, rows)
         self.prefills += 1
-        self._accept(rows, logits)
-        return rows, cache, mask
+        seen = torch.zeros(logits.shape, dtype=mask.dtype, device=self.device).scatter_add_(1, ids, mask) > 0
+        batch = _Batch(rows, cache, mask, seen, _sampler(rows, seen))  # seen: the prompts' tokens, not the padding
+        self._accept(batch, logits)
+        return batch
 
     @torch.no_grad()
-    def _step(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
-        ids = torch.tensor([[r.pending] for r in rows], device=self.device)
-        logits = self._forward(ids, mask, cache, rows)  # mask already has the pending tokens' column
+    def _step(self, batch: _Batch) -> None:
+        batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)  # the fed tokens' column
+        for row in batch.rows:
+            row.length += 1
+        positions = batch.mask.sum(1, keepdim=True) - 1  # left padding: each row counts from its first token
+        logits = self._forward(batch.tokens[:, None], self._step_mask(batch), batch.cache, batch.rows, positions)
         self.steps += 1
-        self._accept(rows, logits)
+        self._accept(batch, logits)
 
-    def _accept(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Sample each row's next token, stream its text, and close rows that are finished or abandoned."""
-        tokens = pick_tokens(logits, [r.request.sampling for r in rows], [r.seen for r in rows],
-                             [r.generator for r in rows])
-        for row, token in zip(rows, tokens):
+    def _step_mask(self, batch: _Batch) -> torch.Tensor | None:
+        """The attention mask of a decode step, without asking the device whether the batch has padding.
+
+        Given the ``[b, t]`` mask, transformers reads it back (a sync every step) to see whether SDPA may run
+        unmasked; the host knows that from the rows' lengths.  A step's single query may attend to every earlier
+        column, so for SDPA and eager attention its ``[b, 1, 1, t]`` mask is just the padding mask: the one
+        transformers would build.  Flash kernels take the 2D mask as it is."""
+        if all(r.length == batch.mask.shape[1] for r in batch.rows):
+            return None
+        if self.model.config._attn_implementation in ("sdpa", "eager"):
+            return batch.mask.bool()[:, None, None, :]
+        return batch.mask
+
+    def _accept(self, batch: _Batch, logits: torch.Tensor) -> None:
+        """Sample every row's next token, stream its text, and close rows that are finished or abandoned."""
+        tokens = batch.sampler(logits, batch.seen)
+        batch.seen.scatter_(1, tokens[:, None], True)
+        batch.tokens = tokens  # the next step's input, straight from the device
+        for row, token in zip(batch.rows, tokens.tolist()):  # the step's one read-back from the device
             request = row.request
             if request.cancelled.is_set():
                 row.done = True
@@ -247,8 +360,6 @@ class Engine:
             if token == self.tokenizer.eos_id:
                 self._finish(row, "stop")
                 continue
-            row.seen[token] = True
-            row.pending = token
             row.generated += 1
             delta = row.stream.push(token)
             if delta:
@@ -281,23 +392,6 @@ def _merge(cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_m
         layer.keys, layer.values = torch.cat(keys), torch.cat(values)
     mask = torch.cat([F.pad(mask, (width - length, 0)), F.pad(other_mask, (width - other_length, 0))])
     return cache, mask
-
-
-def _drop_done(rows: list[_Row], cache: DynamicCache, mask: torch.Tensor):
-    """Remove finished rows from the batch, and the leading columns no remaining row attends to."""
-    keep = [i for i, r in enumerate(rows) if not r.done]
-    if not keep:
-        return [], None, None
-    if len(keep) < len(rows):
-        index = torch.tensor(keep, device=mask.device)
-        cache.batch_select_indices(index)
-        mask = mask[index]
-    first = int(mask.any(0).nonzero()[0])
-    if first:
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
-        mask = mask[:, first:]
-    return [rows[i] for i in keep], cache, mask
 
 
 async def run_request(engine: Engine, request: Request):
