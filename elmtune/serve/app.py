@@ -96,14 +96,18 @@ def _openapi_with_limits(app: FastAPI, state: ServerState) -> dict:
 
 def build_state(model: str | None, adapters: dict[str, str], tokenizer: str | None = None,
                 template: str | None = None, api_key: str | None = None, max_batch_size: int = 16,
-                device: str | None = None, **limits) -> ServerState:
-    """Load the base model once, attach every named adapter (PEFT multi-adapter), start the engine."""
+                device: str | None = "auto", dtype: str | None = "auto", **limits) -> ServerState:
+    """Load the base model once, attach every named adapter (PEFT multi-adapter), start the engine.
+
+    ``device`` and ``dtype`` as for :func:`elmtune.inference.load_pipeline` (auto: the GPU, in the dtype it computes
+    natively; see :mod:`elmtune.device`)."""
     from ..inference import load_pipeline
     from .engine import Engine
 
     names = list(adapters)
     pipeline = load_pipeline(model=model, adapter=adapters[names[0]] if names else None, tokenizer=tokenizer,
-                             template=template, device=device, adapter_name=names[0] if names else "default")
+                             template=template, dtype=dtype, device=device,
+                             adapter_name=names[0] if names else "default")
     net = pipeline.model
     for name in names[1:]:
         net.load_adapter(adapters[name], adapter_name=name)
