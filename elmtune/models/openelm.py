@@ -7,8 +7,12 @@ are deliberate and output-preserving:
 * RoPE is computed for the ``position_ids`` asked for (no 4,096-entry table, no length cliff), so packed rows and
   left-padded batches get the right positions;
 * masks come from transformers' ``create_causal_mask`` (no ``[batch, 1, 2048, 2048]`` buffer): plain causal SDPA
-  when nothing is padded, a padding mask otherwise; a packed row (position ids that restart mark a new document)
-  gets one causal SDPA call per document under SDPA, a per-document mask under the other implementations;
+  when nothing is padded, a padding mask otherwise;
+* a packed row (one row whose position ids restart where a new document begins) is attended exactly, document by
+  document, whatever the implementation: its boundaries are found once per forward and reach the kernel — as
+  varlen arguments (``cu_seq_lens_q/k``, ``max_length_q/k``) for flash-style kernels, which take no mask; as
+  :func:`packed_sdpa_attention`'s split under SDPA; as a per-document mask (eager, flex).  An implementation that
+  would get none of these is refused rather than let documents attend to each other;
 * keys are cached after RoPE (standard transformers ``Cache``), and the loss is computed in fp32.
 
 Shapes in comments: b = batch, s = new tokens, t = cached + new tokens, h = heads, d = head_dim, D = model_dim.
@@ -25,12 +29,17 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask, flash_attention_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 
 from .configuration_openelm import OpenELMConfig
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch older than 2.10: packed rows on CUDA take the mask path
+    varlen_attn = None
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,25 +166,64 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
-def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          document_bounds: list[int], scaling: float) -> torch.Tensor:
+#: How :func:`packed_sdpa_attention` attends a packed row: None picks per call (see :func:`packed_sdpa_path`);
+#: "loop", "varlen" or "mask" forces a path (tests use it to run the mask path on the CPU).
+PACKED_SDPA_PATH: str | None = None
+
+
+def packed_sdpa_path(query: torch.Tensor) -> str:
+    """The CPU loops over documents; CUDA makes one varlen flash call for fp16/bf16 (``varlen_attn``, Ampere or newer)
+    and otherwise one SDPA call under a block-diagonal causal mask; other devices take the mask too."""
+    if PACKED_SDPA_PATH is not None:
+        return PACKED_SDPA_PATH
+    if query.device.type == "cpu":
+        return "loop"
+    if (varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+            and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
+            and torch.cuda.get_device_capability(query.device)[0] >= 8):
+        return "varlen"
+    return "mask"
+
+
+def packed_sdpa_attention(module: nn.Module | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          document_bounds: list[int], scaling: float, cu_seq_lens: torch.Tensor | None = None):
     """Causal attention inside each document of one packed row: ``[1, h, t, d]`` → ``[1, t, h, d]``.
 
-    One small causal SDPA call per document (native GQA, no mask): no ``t × t`` mask is built and no attention
-    is computed across documents, which is both exact and cheaper than masking a full packed row.  On CPU, 16-bit
-    inputs are attended in fp32: PyTorch's CPU flash-attention backward runs about 3× faster in fp32 than in bf16
-    here (0.7 s against 2.4 s per step of the 270M bench), and rounds less; the output is cast back.
+    ``document_bounds`` are the documents' start offsets plus the row's end; ``cu_seq_lens`` the same as an int32
+    tensor on the device (built here if not given).  No attention crosses documents.  Three paths, all with native
+    GQA (:func:`packed_sdpa_path` picks one):
+
+    * "loop": one small causal SDPA call per document on ``split`` views (their backward is one ``cat``, not a
+      zero-filled full-size gradient per slice); no ``t × t`` mask.  On CPU, 16-bit inputs are attended in fp32:
+      PyTorch's CPU flash-attention backward runs about 3× faster in fp32 than in bf16 here (0.7 s against 2.4 s
+      per step of the 270M bench), and rounds less; the output is cast back.
+    * "varlen": one ``torch.nn.attention.varlen.varlen_attn`` (flash) call over the ``[t, h, d]`` tokens.
+    * "mask": one SDPA call under a ``[t, t]`` boolean mask, causal within a document and closed across them.
     """
-    dtype = query.dtype
+    path, dtype = packed_sdpa_path(query), query.dtype
+    sizes = [b - a for a, b in zip(document_bounds[:-1], document_bounds[1:])]
+    if path != "loop" and cu_seq_lens is None:
+        cu_seq_lens = torch.tensor(document_bounds, dtype=torch.int32, device=query.device)
+    if path == "varlen":
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [t, h, d]
+        # window (-1, 0) is varlen_attn's causal mode
+        return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max(sizes), max(sizes), scale=scaling,
+                           window_size=(-1, 0), enable_gqa=True)[None]
     upcast = query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
     if upcast:
         query, key, value = query.float(), key.float(), value.float()
     # CPU autocast lists SDPA among the ops it runs in bf16: it would cast the fp32 inputs straight back.
     with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
-        pieces = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                                 scale=scaling, enable_gqa=True)
-                  for a, b in zip(document_bounds[:-1], document_bounds[1:])]
-    return torch.cat(pieces, dim=2).transpose(1, 2).to(dtype)
+        if path == "mask":
+            tokens = torch.arange(query.shape[2], dtype=cu_seq_lens.dtype, device=query.device)
+            document = torch.searchsorted(cu_seq_lens[1:], tokens, right=True)  # [t]: each token's document
+            mask = (document[:, None] == document[None, :]).tril_()  # [t, t]: same document, not in the future
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+        else:
+            out = torch.cat([F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+                             for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))],
+                            dim=2)
+    return out.transpose(1, 2).to(dtype)
 
 
 class OpenELMMultiHeadCausalAttention(nn.Module):
@@ -211,12 +259,18 @@ class OpenELMMultiHeadCausalAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)  # [b, hkv, t, d]
         bounds = kwargs.pop("document_bounds", None)
-        if bounds is not None:
-            out = packed_sdpa_attention(self, query, key, value, bounds, self.scaling)
+        if bounds is not None:  # a packed row under SDPA
+            out = packed_sdpa_attention(self, query, key, value, bounds, self.scaling, kwargs.get("cu_seq_lens_q"))
         else:
             attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
             out, _ = attention(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
         return self.out_proj(out.reshape(b, s, -1))  # out: [b, s, hq, d]
+
+
+def takes_varlen_kwargs(implementation: str | None) -> bool:
+    """Whether ``implementation`` is flash-style: transformers builds it no mask (its registered mask function is
+    ``flash_attention_mask``) and it reads a packed row's documents from the varlen kwargs instead."""
+    return ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) is flash_attention_mask
 
 
 def document_bounds(position_ids: torch.Tensor, batch_size: int) -> list[int] | None:
@@ -303,15 +357,31 @@ class OpenELMModel(OpenELMPreTrainedModel):
         mask_cache = None if past == 0 and isinstance(cache, DynamicCache) else cache
         if mask_cache is None and attention_mask is not None and attention_mask.ndim == 2 and bool(attention_mask.all()):
             attention_mask = None
+        implementation = self.config._attn_implementation
         bounds = None
-        if mask_cache is None and attention_mask is None and self.config._attn_implementation == "sdpa":
+        if mask_cache is None and attention_mask is None:
             bounds = document_bounds(position_ids, inputs_embeds.shape[0])
-        if bounds is not None:
-            mask = None  # one packed row: attention runs per document (packed_sdpa_attention), no mask needed
-            kwargs["document_bounds"] = bounds
+        if bounds is not None and (implementation == "sdpa" or takes_varlen_kwargs(implementation)):
+            # A packed row: its documents' bounds, found once here, reach every layer's attention call as
+            # transformers' varlen kwargs (cumulative lengths, int32 on the device), which flash kernels read; under
+            # SDPA, packed_sdpa_attention splits on them.  No mask is needed.
+            cu = torch.tensor(bounds, dtype=torch.int32, device=inputs_embeds.device)
+            longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+            kwargs.update(position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                          max_length_k=longest)
+            if implementation == "sdpa":
+                kwargs["document_bounds"] = bounds
+            mask = None
         else:
+            # For a packed row, transformers builds a per-document mask (eager: 4D, flex: BlockMask) from the
+            # restarting position ids; an implementation that gets no mask would mix the documents.
             mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                       cache=mask_cache, position_ids=position_ids)
+            if bounds is not None and mask is None:
+                raise ValueError(
+                    f"attention implementation {implementation!r} cannot keep the documents of a packed row apart: it "
+                    "takes no per-document mask and no varlen boundaries, so they would attend to each other. Train "
+                    "with --no-packing (packing=False), or choose attn_implementation sdpa, eager or flash_attention_2.")
         rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_freq_constant)
 
         hidden_states = inputs_embeds

@@ -1,0 +1,194 @@
+"""Packed rows are attended document by document under every attention implementation, or refused — never mixed.
+
+A packed row (PackedCollator: one row, position ids restarting at 0 per example) must give exactly the per-token
+losses and gradients of its examples run one at a time.  Flash kernels cannot run here, so a CPU stand-in with
+flash semantics (documents only from the varlen boundaries it is handed, else causal over the whole row) checks
+that the boundaries reach flash-style implementations; a spy on every registered implementation checks that none
+gets a packed row without boundaries or a per-document mask.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from torch.nn.attention.flex_attention import BlockMask
+
+import elmtune.models.openelm as openelm
+from elmtune.data.collate import PackedCollator
+from tests.helpers import tiny_model
+
+EXAMPLES = [  # (input_ids, labels): prompt masked, answer + eos supervised; one example is a single token
+    ([1, 5, 9, 17, 33, 2], [-100, -100, -100, 17, 33, 2]),
+    ([1, 7, 8, 2], [-100, -100, 8, 2]),
+    ([1], [-100]),
+    ([1, 60, 61, 62, 63, 64, 65, 2], [-100, -100, -100, -100, 63, 64, 65, 2]),
+]
+BATCH = PackedCollator()([{"input_ids": i, "labels": l} for i, l in EXAMPLES])
+BOUNDS = [0, 6, 10, 11, 19]  # where each example starts in the packed row, and its end
+DOCUMENT = torch.repeat_interleave(torch.arange(len(EXAMPLES)), torch.tensor([len(i) for i, _ in EXAMPLES]))
+STANDIN = "elmtune_cpu_varlen_standin"
+
+
+def per_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each supervised next-token prediction, in order."""
+    targets = labels[1:]
+    losses = F.cross_entropy(logits[:-1].float(), targets.clamp(min=0), reduction="none")
+    return losses[targets != -100]
+
+
+def losses_and_grads(model, packed: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token losses of the examples (one packed row, or each alone) and the gradients of their sum."""
+    model.zero_grad(set_to_none=True)
+    if packed:
+        logits = model(BATCH["input_ids"], position_ids=BATCH["position_ids"]).logits[0]
+        losses = per_token_losses(logits, BATCH["labels"][0])
+    else:
+        losses = torch.cat([per_token_losses(model(torch.tensor([i])).logits[0], torch.tensor(l)) for i, l in EXAMPLES])
+    losses.sum().backward()
+    return losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_packed_equals_alone(model, tol: float = 1e-5):
+    packed, packed_grads = losses_and_grads(model, packed=True)
+    alone, alone_grads = losses_and_grads(model, packed=False)
+    assert packed.shape == alone.shape == (9,)
+    assert (packed - alone).abs().max() <= tol
+    assert packed_grads.keys() == alone_grads.keys() and len(packed_grads) > 0
+    for name, grad in alone_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=tol, rtol=tol, msg=name)
+
+
+def causal_standin(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                   cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
+    """What a flash varlen kernel does, on the CPU: ``[b, h, s, d]`` → ``[b, s, h, d]``, causal within each
+    sequence of ``cu_seq_lens`` over the flattened tokens, or within each row when it gets no boundaries."""
+    assert attention_mask is None  # flash-style: transformers builds no mask for an unpadded row
+    b, h, s, d = query.shape
+    if cu_seq_lens_q is None:
+        bounds = list(range(0, b * s + 1, s))
+    else:
+        assert cu_seq_lens_q.dtype == torch.int32 and cu_seq_lens_q.device == query.device
+        assert torch.equal(cu_seq_lens_q, cu_seq_lens_k) and int(cu_seq_lens_q[-1]) == b * s
+        bounds = cu_seq_lens_q.tolist()
+        assert max_length_q == max_length_k == max(y - x for x, y in zip(bounds[:-1], bounds[1:]))
+    q, k, v = (x.transpose(1, 2).reshape(b * s, x.shape[1], d).transpose(0, 1)[None] for x in (query, key, value))
+    out = torch.cat([F.scaled_dot_product_attention(q[:, :, x:y], k[:, :, x:y], v[:, :, x:y], is_causal=True,
+                                                    scale=scaling, enable_gqa=True)
+                     for x, y in zip(bounds[:-1], bounds[1:])], dim=2)  # [1, h, b*s, d]
+    return out[0].transpose(0, 1).reshape(b, s, h, d), None
+
+
+@pytest.fixture
+def standin():
+    """The stand-in, registered as a flash-style implementation (its mask function is transformers' flash one)."""
+    AttentionInterface.register(STANDIN, causal_standin)
+    AttentionMaskInterface.register(STANDIN, flash_attention_mask)
+    yield STANDIN
+    del AttentionInterface._global_mapping[STANDIN], AttentionMaskInterface._global_mapping[STANDIN]
+
+
+def test_a_flash_style_implementation_gets_the_documents_boundaries(standin):
+    model = tiny_model()
+    model.config._attn_implementation = standin  # the setter: no flash-attn availability check
+    assert openelm.takes_varlen_kwargs(standin)
+    assert_packed_equals_alone(model)
+    # the stand-in does mix documents when it is handed no boundaries, as a flash kernel would
+    with torch.no_grad():
+        row = model(BATCH["input_ids"]).logits[0]
+        second = model(torch.tensor([EXAMPLES[1][0]])).logits[0]
+    assert (row[6:10] - second).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("implementation, path", [("eager", None), ("sdpa", None), ("sdpa", "mask"),
+                                                  ("sdpa", "loop")])
+def test_packed_row_equals_examples_alone_in_losses_and_gradients(monkeypatch, implementation, path):
+    monkeypatch.setattr(openelm, "PACKED_SDPA_PATH", path)
+    model = tiny_model()
+    model.config._attn_implementation = implementation
+    assert_packed_equals_alone(model)
+
+
+def test_the_packed_sdpa_path_is_the_cpu_loop_by_default():
+    q = torch.zeros(1, 2, 4, 16)
+    assert openelm.packed_sdpa_path(q) == "loop" and openelm.packed_sdpa_path(q.bfloat16()) == "loop"
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="flex_attention compiles with inductor, "
+                    "which needs a C++ compiler on the CPU; none found")
+@torch.no_grad()
+def test_flex_attention_packed_losses_equal_examples_alone():
+    """Forward only: in torch 2.13 FlexAttention has no backward on the CPU (NotImplementedError); the gradients are
+    checked on a GPU (tests/models/test_gpu_attention.py)."""
+    model = tiny_model()
+    model.config._attn_implementation = "flex_attention"
+    packed = per_token_losses(model(BATCH["input_ids"], position_ids=BATCH["position_ids"]).logits[0],
+                              BATCH["labels"][0])
+    model.config._attn_implementation = "eager"
+    alone = torch.cat([per_token_losses(model(torch.tensor([i])).logits[0], torch.tensor(l)) for i, l in EXAMPLES])
+    assert (packed - alone).abs().max() <= 1e-5
+
+
+def blocks_every_other_document(mask) -> bool:
+    """Whether a mask handed to attention lets each token see exactly its own document's past."""
+    t = len(DOCUMENT)
+    allowed = (DOCUMENT[:, None] == DOCUMENT[None, :]) & torch.ones(t, t, dtype=torch.bool).tril()
+    if isinstance(mask, BlockMask):
+        idx = torch.arange(t)
+        dense = mask.mask_mod(torch.tensor(0), torch.tensor(0), idx[:, None], idx[None, :])
+    elif torch.is_tensor(mask) and mask.ndim == 4:
+        dense = mask[0, 0, :, :t] if mask.dtype == torch.bool else mask[0, 0, :, :t] == 0
+    else:
+        return False
+    return torch.equal(dense.bool().expand(t, t), allowed)
+
+
+def only_in_attention_registry(module, query, key, value, attention_mask, **kwargs):
+    """A custom kernel registered with no mask function: transformers builds it no mask."""
+    return query.transpose(1, 2), None
+
+
+@pytest.mark.parametrize("name", sorted({*ALL_ATTENTION_FUNCTIONS, "eager", "elmtune_unmasked_custom"}))
+@torch.no_grad()
+def test_no_implementation_gets_a_packed_row_without_boundaries(monkeypatch, name):
+    """Every registered implementation (spied on, not run) either is refused, or receives the documents'
+    boundaries or a mask closed across documents, or (our CPU SDPA path) gives each document's own output."""
+    if name == "elmtune_unmasked_custom":
+        monkeypatch.setitem(AttentionInterface._global_mapping, name, only_in_attention_registry)  # register()
+    if name == "flex_attention" and not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("flex_attention's BlockMask is compiled with inductor, which needs a C++ compiler; none found")
+    model = tiny_model()
+    alone = torch.cat([model(torch.tensor([i])).logits[0] for i, _ in EXAMPLES])  # transformers' SDPA, unspied
+    calls = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        calls.append((attention_mask, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"),
+                      kwargs.get("max_length_q")))
+        return torch.zeros_like(query.transpose(1, 2)), None
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._local_mapping, name, spy)  # ahead of the registered function
+    model.config._attn_implementation = name
+    try:
+        logits = model(BATCH["input_ids"], position_ids=BATCH["position_ids"]).logits
+    except ValueError as refused:
+        assert name in str(refused) and "--no-packing" in str(refused)
+        return
+    if not calls:  # the attention never went through the registry: it must be our exact packed path
+        assert name == "sdpa" and (logits[0] - alone).abs().max() <= 1e-5
+        return
+    assert len(calls) == model.config.num_transformer_layers
+    for mask, cu_q, cu_k, longest in calls:
+        given_bounds = cu_q is not None and cu_q.tolist() == cu_k.tolist() == BOUNDS and longest == 8
+        assert given_bounds or blocks_every_other_document(mask), f"{name} got a packed row without boundaries"
+
+
+def test_the_mask_check_rejects_masks_that_let_documents_mix():
+    t = len(DOCUMENT)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+    assert not blocks_every_other_document(causal) and not blocks_every_other_document(None)
+    assert blocks_every_other_document(causal & (DOCUMENT[:, None] == DOCUMENT[None, :]))
