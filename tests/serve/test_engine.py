@@ -28,7 +28,7 @@ class SyncCounter:
         for name in SYNCING:
             monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name), name))
         monkeypatch.setattr(torch, "nonzero", self._counting(torch.nonzero, "torch.nonzero"))
-        monkeypatch.setattr(torch.cuda, "synchronize", self._counting(lambda *a, **k: None, "cuda.synchronize"))
+        monkeypatch.setattr(torch.cuda, "synchronize", self._counting(torch.cuda.synchronize, "cuda.synchronize"))
         monkeypatch.setattr(engine, "_prefill", self._marking(engine._prefill, "prefill"))
         monkeypatch.setattr(engine, "_step", self._marking(engine._step, "step"))
 
@@ -93,6 +93,8 @@ MIXED = [  # greedy, seeded, top-k/top-p, repetition penalty; different lengths,
 
 
 def test_one_host_sync_per_decode_step(monkeypatch):
+    """Before issue 13 this batch made 102 syncs in its 15 decode steps: an ``int()`` per row for its token,
+    transformers' "any padding?" check in the forward pass, and a ``nonzero`` plus ``int()`` to trim the mask."""
     engine = Engine(rambling_model(), word_tokenizer(), max_batch_size=8, batch_wait_ms=300)
     try:
         counter = SyncCounter(monkeypatch, engine)
@@ -105,3 +107,181 @@ def test_one_host_sync_per_decode_step(monkeypatch):
     # sampling, not the forward pass, not rows leaving the batch
     assert counter.per_step == [1] * engine.steps, counter.where
     assert counter.outside_prefill == engine.steps, counter.where
+
+
+# ---------------------------------------------------------------------------------------- sampling semantics
+
+PROMPTS = ["a b", "hello say x y z", "c", "answer 1 2 10 h", "d e f g"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline():
+    from elmtune.data import Template
+    from elmtune.inference import Pipeline
+
+    return Pipeline(tiny_model(), word_tokenizer(), Template.parse("openelm-sep"))
+
+
+def encode(pipeline, text: str) -> list[int]:
+    tok = pipeline.tokenizer
+    return [tok.bos_id] + tok.encode([text])[0]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_batch_equals_complete_alone(tiny_pipeline, penalty):
+    from elmtune.inference import SamplingOptions, complete
+
+    engine = Engine(tiny_pipeline.model, tiny_pipeline.tokenizer, batch_wait_ms=300)
+    try:
+        answers = run_all(engine, [(encode(tiny_pipeline, p), None, Sampling(max_tokens=10, temperature=0,
+                                                                             repetition_penalty=penalty))
+                                   for p in PROMPTS])
+    finally:
+        engine.close()
+    assert engine.prefills == 1  # one batch, rows of different lengths
+    for prompt, (text, info) in zip(PROMPTS, answers):
+        [alone] = complete(tiny_pipeline, [prompt], SamplingOptions(max_new_tokens=10, repetition_penalty=penalty))
+        assert (text, info["finish_reason"], info["completion_tokens"]) == \
+               (alone.output, alone.finish_reason, alone.completion_tokens), prompt
+
+
+def test_seeded_rows_are_reproducible_whatever_the_batch(monkeypatch):
+    model, tok = rambling_model(), word_tokenizer()
+    engine = Engine(model, tok, max_batch_size=8, batch_wait_ms=300)
+    try:
+        mixed = [(ids, None, sampling) for ids, sampling in MIXED]
+        first, second = run_all(engine, mixed), run_all(engine, mixed)
+        alone = [run_all(engine, [job])[0] for job in mixed if job[2].seed is not None]
+        other_seed = run_all(engine, [(ids, None, Sampling(**{**vars(s), "seed": s.seed + 1}))
+                                      for ids, _, s in mixed if s.seed is not None])
+    finally:
+        engine.close()
+    seeded = [i for i, (_, s) in enumerate(MIXED) if s.seed is not None]
+    assert [first[i] for i in seeded] == [second[i] for i in seeded] == alone
+    assert [text for text, _ in other_seed] != [first[i][0] for i in seeded]
+    greedy = [i for i, (_, s) in enumerate(MIXED) if s.temperature == 0]
+    assert [first[i] for i in greedy] == [second[i] for i in greedy]
+
+
+def test_temperature_zero_top_k_one_and_tiny_top_p_are_greedy():
+    model, tok = rambling_model(), word_tokenizer()
+    ids = [1, 5, 6, 7]
+    engine = Engine(model, tok, batch_wait_ms=300)
+    try:
+        answers = run_all(engine, [(ids, None, Sampling(max_tokens=12, temperature=0)),
+                                   (ids, None, Sampling(max_tokens=12, temperature=0, seed=4)),
+                                   (ids, None, Sampling(max_tokens=12, temperature=1.5, top_k=1)),
+                                   (ids, None, Sampling(max_tokens=12, temperature=1.5, top_p=1e-9, seed=2))])
+    finally:
+        engine.close()
+    assert len({text for text, _ in answers}) == 1, answers
+
+
+def test_sampler_follows_temperature_top_k_and_top_p():
+    from elmtune.serve.engine import Sampler
+
+    torch.manual_seed(0)
+    n = 20_000
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    logits = probs.log().expand(n, -1)
+
+    def frequencies(**settings) -> torch.Tensor:
+        sampler = Sampler([Sampling(max_tokens=1, **settings)] * n, [None] * n, vocab=4, device=torch.device("cpu"))
+        tokens = sampler(logits, torch.zeros(n, 4, dtype=torch.bool))
+        return torch.bincount(tokens, minlength=4) / n
+
+    def close(got, expected):
+        return torch.allclose(got, torch.tensor(expected, dtype=torch.float32), atol=0.015)
+
+    assert close(frequencies(temperature=1.0), [0.4, 0.3, 0.2, 0.1])
+    assert close(frequencies(temperature=1.0, top_k=2), [4 / 7, 3 / 7, 0, 0])
+    assert close(frequencies(temperature=1.0, top_p=0.5), [4 / 7, 3 / 7, 0, 0])  # the smallest set reaching 0.5
+    assert close(frequencies(temperature=1.0, top_p=0.75), [4 / 9, 3 / 9, 2 / 9, 0])
+    assert close(frequencies(temperature=1.0, top_k=3, top_p=0.6), [4 / 7, 3 / 7, 0, 0])  # top-p after top-k
+    flat = probs.pow(1 / 2.0) / probs.pow(1 / 2.0).sum()
+    assert close(frequencies(temperature=2.0), flat.tolist())
+    assert close(frequencies(temperature=0), [1, 0, 0, 0])
+    # a seeded row draws the same whatever it is batched with, and independently of the default generator
+    seeded = [Sampling(max_tokens=1, temperature=1.0, seed=11)]
+
+    def draws(rows_before: int) -> list[int]:
+        """20 successive tokens of the seeded row placed after ``rows_before`` unseeded ones."""
+        settings = [Sampling(max_tokens=1)] * rows_before + seeded
+        generator = torch.Generator().manual_seed(11)
+        sampler = Sampler(settings, [None] * rows_before + [generator], vocab=4, device=torch.device("cpu"))
+        batch = probs.log().expand(rows_before + 1, -1)
+        return [sampler(batch, torch.zeros(rows_before + 1, 4, dtype=torch.bool))[-1].item() for _ in range(20)]
+
+    assert draws(0) == draws(1) == draws(5) and len(set(draws(0))) > 1
+
+
+def test_sampler_repetition_penalty_applies_only_to_seen_tokens():
+    from elmtune.serve.engine import Sampler
+
+    logits = torch.tensor([[2.0, 1.9, -1.0, -1.2], [2.0, 1.9, -1.0, -1.2]])
+    seen = torch.tensor([[True, False, False, False], [False, False, False, False]])
+    sampler = Sampler([Sampling(max_tokens=1, temperature=0, repetition_penalty=1.5)] * 2, [None, None], vocab=4,
+                      device=torch.device("cpu"))
+    assert sampler(logits, seen).tolist() == [1, 0]  # 2.0 / 1.5 < 1.9 for the row that has seen token 0
+
+
+# ---------------------------------------------------------------------------------------- adapters
+
+@pytest.fixture(scope="module")
+def two_adapter_model(adapters):
+    """The tiny base with adapters alpha and beta, in fp32 on the CPU (so both PEFT paths agree exactly)."""
+    from elmtune.inference import load_pipeline
+
+    base, named = adapters
+    pipeline = load_pipeline(model=str(base), adapter=named["alpha"], dtype="fp32", device="cpu",
+                             adapter_name="alpha")
+    pipeline.model.load_adapter(named["beta"], adapter_name="beta")
+    return pipeline
+
+
+def test_single_adapter_batches_skip_the_mixed_path_with_the_same_output(two_adapter_model, monkeypatch):
+    from peft.tuners.lora.layer import Linear
+
+    mixed_calls = []
+    original = Linear._mixed_batch_forward
+    monkeypatch.setattr(Linear, "_mixed_batch_forward",
+                        lambda self, *a, **k: mixed_calls.append(1) or original(self, *a, **k))
+    pipeline = two_adapter_model
+    prompts = [encode(pipeline, p) for p in PROMPTS[:3]]
+    greedy = Sampling(max_tokens=8, temperature=0)
+    engine = Engine(pipeline.model, pipeline.tokenizer, batch_wait_ms=300)
+
+    def batch(adapter, extra=None):
+        """The three prompts with ``adapter`` (plus an ``extra`` adapter's row, which makes the batch mixed)."""
+        before, prefills = len(mixed_calls), engine.prefills
+        jobs = [(ids, adapter, greedy) for ids in prompts] + ([(prompts[0], extra, greedy)] if extra != "-" else [])
+        answers = run_all(engine, jobs)
+        assert engine.prefills == prefills + 1  # one batch
+        return [text for text, _ in answers[:3]], len(mixed_calls) > before
+
+    try:
+        alpha, alpha_mixed = batch("alpha", "-")
+        base, base_mixed = batch(None, "-")
+        beta, beta_mixed = batch("beta", "-")
+        again, _ = batch("alpha", "-")  # the adapter layers are back on after the base-only batch
+        assert not (alpha_mixed or base_mixed or beta_mixed)
+        alpha_via_mix, took_mix = batch("alpha", None)
+        assert took_mix
+        assert (batch(None, "alpha"), batch("beta", "alpha")) == ((base, True), (beta, True))
+    finally:
+        engine.close()
+    assert alpha == again == alpha_via_mix
+    assert len({tuple(alpha), tuple(base), tuple(beta)}) >= 2  # the adapters do change the answers
+
+
+def test_build_state_passes_dtype_and_device(adapters):
+    from elmtune.serve import build_state
+
+    base, named = adapters
+    for dtype, expected in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        state = build_state(str(base), {"alpha": named["alpha"]}, dtype=dtype, device="cpu")
+        try:
+            parameter = next(state.engine.model.get_base_model().parameters())
+            assert (parameter.dtype, parameter.device.type) == (expected, "cpu")
+        finally:
+            state.engine.close()
