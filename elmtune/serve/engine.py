@@ -166,8 +166,8 @@ class _Batch:
     def drop_done(self) -> _Batch | None:
         """Remove finished rows, and the leading columns no remaining row attends to (None when none is left).
 
-        The kept rows' index is the one host→device copy here, and only when rows leave: it comes right after a
-        step's read-back, when the device has no queued work to wait for."""
+        Only when rows leave are the kept rows' index and their sampling settings copied to the device: right
+        after a step's read-back, when the device has no queued work to wait for."""
         keep = [i for i, r in enumerate(self.rows) if not r.done]
         if not keep:
             return None
@@ -216,7 +216,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.peft = hasattr(model, "peft_config")
         self._adapter_layers_on: bool | None = None  # unknown until the first batch sets it
-        self._active_adapter = getattr(model, "active_adapter", None)
+        self._active_adapter = model.active_adapter if self.peft else None
         self._closing = False
         self._thread = threading.Thread(target=self._work, name="elmtune-engine", daemon=True)
         self._thread.start()

@@ -114,12 +114,11 @@ def test_one_host_sync_per_decode_step(monkeypatch):
 PROMPTS = ["a b", "hello say x y z", "c", "answer 1 2 10 h", "d e f g"]
 
 
-@pytest.fixture(scope="module")
-def tiny_pipeline():
+def tiny_pipeline(**overrides):
     from elmtune.data import Template
     from elmtune.inference import Pipeline
 
-    return Pipeline(tiny_model(), word_tokenizer(), Template.parse("openelm-sep"))
+    return Pipeline(tiny_model(**overrides), word_tokenizer(), Template.parse("openelm-sep"))
 
 
 def encode(pipeline, text: str) -> list[int]:
@@ -127,20 +126,23 @@ def encode(pipeline, text: str) -> list[int]:
     return [tok.bos_id] + tok.encode([text])[0]
 
 
-@pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_greedy_batch_equals_complete_alone(tiny_pipeline, penalty):
+@pytest.mark.parametrize("penalty, attention", [(1.0, "sdpa"), (1.3, "sdpa"), (1.3, "eager")])
+def test_greedy_batch_equals_complete_alone(penalty, attention):
+    """Rows of different lengths in one batch (the decode steps' own padding mask, see Engine._step_mask)."""
     from elmtune.inference import SamplingOptions, complete
 
-    engine = Engine(tiny_pipeline.model, tiny_pipeline.tokenizer, batch_wait_ms=300)
+    pipeline = tiny_pipeline(attn_implementation=attention)
+    assert pipeline.model.config._attn_implementation == attention
+    engine = Engine(pipeline.model, pipeline.tokenizer, batch_wait_ms=300)
     try:
-        answers = run_all(engine, [(encode(tiny_pipeline, p), None, Sampling(max_tokens=10, temperature=0,
-                                                                             repetition_penalty=penalty))
+        answers = run_all(engine, [(encode(pipeline, p), None, Sampling(max_tokens=10, temperature=0,
+                                                                        repetition_penalty=penalty))
                                    for p in PROMPTS])
     finally:
         engine.close()
-    assert engine.prefills == 1  # one batch, rows of different lengths
+    assert engine.prefills == 1
     for prompt, (text, info) in zip(PROMPTS, answers):
-        [alone] = complete(tiny_pipeline, [prompt], SamplingOptions(max_new_tokens=10, repetition_penalty=penalty))
+        [alone] = complete(pipeline, [prompt], SamplingOptions(max_new_tokens=10, repetition_penalty=penalty))
         assert (text, info["finish_reason"], info["completion_tokens"]) == \
                (alone.output, alone.finish_reason, alone.completion_tokens), prompt
 
