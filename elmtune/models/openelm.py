@@ -8,11 +8,11 @@ are deliberate and output-preserving:
   left-padded batches get the right positions;
 * masks come from transformers' ``create_causal_mask`` (no ``[batch, 1, 2048, 2048]`` buffer): plain causal SDPA
   when nothing is padded, a padding mask otherwise;
-* a packed row (one row whose position ids restart where a new document begins) is attended exactly, document by
-  document, whatever the implementation: its boundaries are found once per forward and reach the kernel — as
-  varlen arguments (``cu_seq_lens_q/k``, ``max_length_q/k``) for flash-style kernels, which take no mask; as
-  :func:`packed_sdpa_attention`'s split under SDPA; as a per-document mask (eager, flex).  An implementation that
-  would get none of these is refused rather than let documents attend to each other;
+* packed rows (position ids that restart where a new document begins, no cache, no padding) are attended
+  exactly, document by document, whatever the implementation: the boundaries are found once per forward and reach
+  the kernel — as varlen arguments (``cu_seq_lens_q/k``, ``max_length_q/k``) for flash-style kernels, which take
+  no mask; as :func:`packed_sdpa_attention`'s split of a single row under SDPA; as transformers' per-document mask
+  otherwise (eager, flex, SDPA on several rows).  An implementation that would get none is refused, not run;
 * keys are cached after RoPE (standard transformers ``Cache``), and the loss is computed in fp32.
 
 Shapes in comments: b = batch, s = new tokens, t = cached + new tokens, h = heads, d = head_dim, D = model_dim.
@@ -274,14 +274,14 @@ def takes_varlen_kwargs(implementation: str | None) -> bool:
 
 
 def document_bounds(position_ids: torch.Tensor, batch_size: int) -> list[int] | None:
-    """Start offsets of the documents packed in a single row (plus its end), or None when there is nothing to split:
-    a new document starts wherever the position does not continue the previous one (as transformers detects it)."""
-    if batch_size != 1 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
+    """Start offsets of the documents packed in the rows read as one flattened row (plus its end), or None when no
+    row holds more than one: a document starts each row and wherever the position does not continue the previous
+    one (as transformers detects it).  ``position_ids [b or 1, s]``."""
+    restarts = F.pad(torch.diff(position_ids, dim=-1) != 1, (1, 0), value=True)  # [b or 1, s]
+    starts = restarts.expand(batch_size, -1).flatten().nonzero().flatten()
+    if starts.numel() == batch_size:
         return None
-    starts = (torch.diff(position_ids[0]) != 1).nonzero().flatten() + 1
-    if starts.numel() == 0:
-        return None
-    return [0, *starts.tolist(), position_ids.shape[1]]
+    return [*starts.tolist(), batch_size * position_ids.shape[-1]]
 
 
 class OpenELMDecoderLayer(GradientCheckpointingLayer):
@@ -361,19 +361,20 @@ class OpenELMModel(OpenELMPreTrainedModel):
         bounds = None
         if mask_cache is None and attention_mask is None:
             bounds = document_bounds(position_ids, inputs_embeds.shape[0])
-        if bounds is not None and (implementation == "sdpa" or takes_varlen_kwargs(implementation)):
-            # A packed row: its documents' bounds, found once here, reach every layer's attention call as
-            # transformers' varlen kwargs (cumulative lengths, int32 on the device), which flash kernels read; under
-            # SDPA, packed_sdpa_attention splits on them.  No mask is needed.
+        own_sdpa = implementation == "sdpa" and inputs_embeds.shape[0] == 1
+        if bounds is not None and (own_sdpa or takes_varlen_kwargs(implementation)):
+            # Packed rows: the documents' bounds, found once here, reach every layer's attention call as transformers'
+            # varlen kwargs (cumulative lengths over the flattened rows, int32 on the device), which flash kernels
+            # read; under SDPA, packed_sdpa_attention splits its one row on them.  No mask is needed.
             cu = torch.tensor(bounds, dtype=torch.int32, device=inputs_embeds.device)
             longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
             kwargs.update(position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
                           max_length_k=longest)
-            if implementation == "sdpa":
+            if own_sdpa:
                 kwargs["document_bounds"] = bounds
             mask = None
         else:
-            # For a packed row, transformers builds a per-document mask (eager: 4D, flex: BlockMask) from the
+            # For packed rows, transformers builds a per-document mask (sdpa/eager: 4D, flex: BlockMask) from the
             # restarting position ids; an implementation that gets no mask would mix the documents.
             mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                       cache=mask_cache, position_ids=position_ids)

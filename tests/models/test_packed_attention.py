@@ -114,6 +114,22 @@ def test_packed_row_equals_examples_alone_in_losses_and_gradients(monkeypatch, i
     assert_packed_equals_alone(model)
 
 
+@pytest.mark.parametrize("implementation", [STANDIN, "sdpa", "eager"])
+@torch.no_grad()
+def test_several_packed_rows_keep_their_documents_apart(standin, implementation):
+    """Two rows of packed documents: flash-style kernels get the boundaries over the flattened rows, the others
+    transformers' per-document mask."""
+    model = tiny_model()
+    model.config._attn_implementation = implementation
+    rows = [[EXAMPLES[0][0], EXAMPLES[1][0]], [EXAMPLES[3][0], [1], [1]]]  # 10 tokens each
+    ids = torch.tensor([sum(docs, []) for docs in rows])
+    positions = torch.tensor([[p for doc in docs for p in range(len(doc))] for docs in rows])
+    logits = model(ids, position_ids=positions).logits
+    for row, docs in enumerate(rows):
+        alone = torch.cat([model(torch.tensor([doc])).logits[0] for doc in docs])
+        assert (logits[row] - alone).abs().max() <= 1e-5
+
+
 def test_the_packed_sdpa_path_is_the_cpu_loop_by_default():
     q = torch.zeros(1, 2, 4, 16)
     assert openelm.packed_sdpa_path(q) == "loop" and openelm.packed_sdpa_path(q.bfloat16()) == "loop"
