@@ -107,3 +107,17 @@ def test_asking_for_a_missing_gpu_is_one_line_before_loading(capsys):
     assert main(["generate", "-p", "hi", "--model", "openelm-3b", "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no CUDA GPU is available here" in err
+
+
+def test_serve_hands_device_and_dtype_to_the_server_state(monkeypatch):
+    import elmtune.serve
+
+    seen = {}
+
+    def build_state(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(elmtune.serve, "build_state", build_state)
+    assert main(["serve", "--model", "m", "--device", "cpu", "--dtype", "bf16"]) == 2
+    assert seen["device"] == "cpu" and seen["dtype"] == "bf16"
