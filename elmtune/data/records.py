@@ -1,4 +1,4 @@
-"""Read instruction records from JSON array files, JSONL files, directories of them, or ``datasets`` folders.
+"""Read records from JSON array, JSONL, Parquet or CSV files, directories of them, or ``datasets`` folders.
 
 Every problem is reported with the file and the record (or line) it is in.  Whole-file problems (not UTF-8,
 not JSON, empty) are always errors; a bad record inside a good file is an error too unless the caller asked
@@ -7,6 +7,8 @@ to skip bad records, in which case it is counted with its reason.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -121,6 +123,78 @@ def _read_jsonl(path: Path, skips: SkipLog | None) -> Iterator[Record]:
         index += 1
 
 
+def _read_parquet(path: Path) -> Iterator[Record]:
+    """Rows of a Parquet file as records (nested columns, such as a list of messages, come back as lists of
+    dicts), read a batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(str(path))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    except (pa.ArrowException, ValueError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    index = 0
+    for batch in table.iter_batches(batch_size=1024):
+        for values in batch.to_pylist():
+            yield Record(str(path), index, values)
+            index += 1
+
+
+#: CSV cells are text: these columns may hold a JSON list (a conversation), decoded when the cell starts with [.
+_JSON_COLUMNS = ("messages", "conversations")
+
+
+def _read_csv(path: Path, skips: SkipLog | None) -> Iterator[Record]:
+    """Rows of a CSV file (a header row first) as records of strings, every cell exactly as written — no type
+    guessing, so an answer "42" stays the string "42".  A ``messages`` or ``conversations`` cell holding a JSON
+    list is decoded."""
+    text = _read_text(path)
+    csv.field_size_limit(2**31 - 1)  # a long conversation in one cell is fine
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except csv.Error as e:
+        raise DataError(f"{path}: line 1: invalid CSV ({e})") from None
+    names = [name.strip() for name in header]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(f"{path}: line 1: the column {duplicates[0]!r} appears twice in the header")
+    index, previous_end = 0, reader.line_num
+    while True:
+        start = previous_end + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}: line {start}: invalid CSV ({e})") from None
+        previous_end = reader.line_num
+        if not row or row == [""] and len(names) > 1:
+            continue  # a blank line
+        problem = None
+        if len(row) != len(names):
+            problem = f"has {len(row)} cells, the header has {len(names)}"
+        else:
+            values: dict = dict(zip(names, row))
+            for column in _JSON_COLUMNS:
+                cell = values.get(column)
+                if isinstance(cell, str) and cell.lstrip().startswith("["):
+                    try:
+                        values[column] = json.loads(cell)
+                    except json.JSONDecodeError as e:
+                        problem = f"column {column!r}: invalid JSON at column {e.colno}: {e.msg}"
+        if problem:
+            reason = f"{path}: record {index} (line {start}): {problem}"
+            if skips is None:
+                raise DataError(reason)
+            skips.add(reason)
+        else:
+            yield Record(str(path), index, values, line=start)
+        index += 1
+
+
 def _read_datasets_folder(path: Path) -> Iterator[Record]:
     from datasets import Dataset, DatasetDict, load_from_disk
 
@@ -141,6 +215,9 @@ def _is_datasets_folder(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
+SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+
+
 def data_files(spec: str | Path) -> list[Path]:
     """The files (or ``datasets`` folders) a ``--data`` value stands for."""
     path = Path(spec).expanduser()
@@ -149,12 +226,13 @@ def data_files(spec: str | Path) -> list[Path]:
     if path.is_dir():
         if _is_datasets_folder(path):
             return [path]
-        files = sorted((p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and p.is_file()), key=_natural_key)
+        files = sorted((p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file()), key=_natural_key)
         if not files:
-            raise DataError(f"{path}: no .json or .jsonl files in this directory")
+            raise DataError(f"{path}: no .json or .jsonl files (nor .parquet, .csv) in this directory")
         return files
-    if path.suffix not in (".json", ".jsonl"):
-        raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'}; use .json (an array) or .jsonl")
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'}; use .json (an array), .jsonl, "
+                        ".parquet or .csv")
     return [path]
 
 
@@ -166,5 +244,9 @@ def read_records(specs: list[str], skips: SkipLog | None = None) -> Iterator[Rec
                 yield from _read_datasets_folder(path)
             elif path.suffix == ".jsonl":
                 yield from _read_jsonl(path, skips)
+            elif path.suffix == ".parquet":
+                yield from _read_parquet(path)
+            elif path.suffix == ".csv":
+                yield from _read_csv(path, skips)
             else:
                 yield from _read_json_array(path, skips)

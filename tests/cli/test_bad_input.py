@@ -54,7 +54,9 @@ BAD_DATA = [  # (file name, content, fragments the one-line error must contain)
     ("dupe.json", '[{"instruction": "a", "input": "", "output": "b", "output": "c"}]', ["dupe.json", "'output' twice"]),
     ("object.json", json.dumps(GOOD), ["object.json", "single object"]),
     ("scalar.json", "3", ["scalar.json", "found int"]),
-    ("table.csv", "a,b\n", ["table.csv", "unsupported file type .csv"]),
+    ("table.tsv", "a\tb\n", ["table.tsv", "unsupported file type .tsv"]),
+    ("header-only.csv", "instruction,input,output\n", ["no records found", "header-only.csv"]),
+    ("ragged.csv", "instruction,input,output\na,b\n", ["ragged.csv", "record 0 (line 2)", "has 2 cells"]),
     ("dupe.jsonl", '{"instruction": "a", "instruction": "b", "input": "", "output": "c"}', ["line 1", "twice"]),
 ]
 
