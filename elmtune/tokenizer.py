@@ -38,11 +38,26 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self.hf.pad_token_id
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, without special tokens (batched in C++ when SentencePiece is used)."""
+    def encode(self, texts: list[str], special_as_text: bool = False) -> list[list[int]]:
+        """Token ids of each text, without special tokens (batched in C++ when SentencePiece is used).
+        ``special_as_text``: a special token's string in the text (``</s>``) stays text, as SentencePiece always
+        keeps it; by default the transformers tokenizer turns it into the token."""
         if self.sentencepiece is not None:
             return self.sentencepiece.encode(texts)
+        if special_as_text:
+            return self.hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return self.hf(texts, add_special_tokens=False)["input_ids"]
+
+    def encode_continuation(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text as it would be tokenized right after other text: without the word start a
+        SentencePiece tokenizer puts at the start of a string (" Paris" → ▁Paris, not ▁ ▁Paris), so that the ids
+        of a prompt and of its continuation decode, together, to the two texts joined.  Encoded after a newline,
+        which is then removed (transformers' own trick for chat pieces); special-token strings stay text."""
+        newline = self.encode(["\n"], special_as_text=True)[0]
+        out = []
+        for text, ids in zip(texts, self.encode(["\n" + t for t in texts], special_as_text=True)):
+            out.append(ids[len(newline):] if ids[:len(newline)] == newline else self.encode([text], True)[0])
+        return out
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
