@@ -113,7 +113,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         raise UsageError("no --data given")
     if not options.tokenizer:
         raise UsageError("no --tokenizer given")
-    spec = DataSpec.parse(options.template, options.fields, options.max_length)
+    spec = DataSpec.from_options(options)
     inspect_data(options.data, load_tokenizer(options.tokenizer), spec, options.on_bad_record, args.show, args.output)
     return 0
 

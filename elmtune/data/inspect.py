@@ -1,8 +1,9 @@
 """``elmtune data inspect``: what exactly will the model be trained on?
 
-Shows a few examples rendered token by token with the supervised part highlighted, statistics (kept, dropped,
-truncated, skipped, supervised share, a length histogram), and optionally writes every kept example with its
-source file and record index as JSONL.
+Shows a few examples rendered token by token with the supervised part highlighted (conversations turn by turn),
+statistics (kept, dropped, truncated, skipped, supervised share, a length histogram, and the same per record
+format), and optionally writes every kept example with its source file and record index as JSONL — the same
+columns whatever the format.
 """
 
 from __future__ import annotations
@@ -15,18 +16,29 @@ from pathlib import Path
 
 from ..tokenizer import Tokenizer
 from .encode import IGNORE_INDEX, DataSpec, EncodeStats, Example, load_examples
+from .formats import CONVERSATION_FORMATS
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _BOLD_GREEN, _DIM, _RESET = "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
 
 
-def render(example: Example, tokenizer: Tokenizer, color: bool) -> str:
-    """The example's text with prompt and answer told apart: colours on a terminal, ⟦…⟧ around the answer else."""
-    pieces = []
+def render(example: Example, tokenizer: Tokenizer, color: bool, start: int = 0, end: int | None = None) -> str:
+    """The example's text (tokens ``start:end``) with prompt and answer told apart: colours on a terminal, ⟦…⟧
+    around the supervised tokens else.  Runs of SentencePiece byte pieces (``<0xE5><0xB7><0xB4>``) are shown
+    as the UTF-8 characters they spell."""
+    pieces: list[str] = []
+    pending = bytearray()
     supervised_run = None
-    for token, label in zip(example.input_ids, example.labels):
+
+    def flush() -> None:
+        if pending:
+            pieces.append(pending.decode("utf-8", errors="replace"))
+            pending.clear()
+
+    for token, label in zip(example.input_ids[start:end], example.labels[start:end]):
         supervised = label != IGNORE_INDEX
         if supervised != supervised_run:
+            flush()
             if color:
                 pieces.append(_BOLD_GREEN if supervised else _DIM)
             else:
@@ -34,9 +46,36 @@ def render(example: Example, tokenizer: Tokenizer, color: bool) -> str:
             supervised_run = supervised
         piece = str(tokenizer.hf.convert_ids_to_tokens(token))
         byte = _BYTE_PIECE.fullmatch(piece)  # SentencePiece byte fallback, e.g. <0x0A> for a newline
-        pieces.append(bytes([int(byte[1], 16)]).decode("latin-1") if byte else piece.replace("▁", " "))
+        if byte:
+            pending.append(int(byte[1], 16))
+        else:
+            flush()
+            pieces.append(piece.replace("▁", " "))
+    flush()
     pieces.append(_RESET if color else ("⟧" if supervised_run else ""))
     return "".join(pieces)
+
+
+def render_turns(example: Example, tokenizer: Tokenizer, color: bool) -> str:
+    """A conversation turn by turn: the role, then the turn's tokens (supervised ones highlighted)."""
+    width = max(len(role) for role, _, _ in example.turns)
+    lines = []
+    for role, start, end in example.turns:
+        text = render(example, tokenizer, color, start, end).split("\n")
+        lines.append(f"  {role:>{width}} │ {text[0]}")
+        lines += [f"  {'':>{width}} │ {line}" for line in text[1:]]
+    return "\n".join(lines)
+
+
+def format_table(stats: EncodeStats) -> list[str]:
+    """Per-format statistics, one line per format seen."""
+    lines = [f"  {'format':<11}{'records':>8}{'kept':>8}{'truncated':>10}{'dropped':>8}{'turns':>7}"
+             f"{'tokens':>9}{'supervised':>11}"]
+    for name, s in sorted(stats.formats.items()):
+        share = f"{s.supervised_tokens / s.tokens:.1%}" if s.tokens else "-"
+        lines.append(f"  {name:<11}{s.records:>8}{s.kept:>8}{s.truncated:>10}{s.dropped_all_masked:>8}{s.turns:>7}"
+                     f"{s.tokens:>9}{share:>11}")
+    return lines
 
 
 def histogram(stats: EncodeStats, max_length: int, bins: int = 8, width: int = 40) -> list[str]:
@@ -61,10 +100,18 @@ def inspect_data(data: list[str], tokenizer: Tokenizer, spec: DataSpec, on_bad_r
     legend = "answer (supervised) in green, prompt dimmed" if color else "answer (supervised) between ⟦ ⟧"
     print(f"template {spec.template.name!r}, fields {vars(spec.fields)}, max length {spec.max_length}; {legend}",
           file=stream)
+    if any(name in CONVERSATION_FORMATS for name in stats.formats) or spec.train_on != "all-assistant":
+        print(f"conversations: chat template {spec.chat_template_for(tokenizer).name!r}, training on "
+              f"{spec.train_on}", file=stream)
     for example in examples[:show]:
-        print(f"\n--- {example.source} [record {example.index}] {len(example.input_ids)} tokens, "
-              f"{sum(l != IGNORE_INDEX for l in example.labels)} supervised", file=stream)
-        print(render(example, tokenizer, color), file=stream)
+        print(f"\n--- {example.source} [record {example.index}] {example.format}, "
+              + (f"{len(example.turns)} turns, " if example.format in CONVERSATION_FORMATS else "")
+              + f"{len(example.input_ids)} tokens, {sum(l != IGNORE_INDEX for l in example.labels)} supervised",
+              file=stream)
+        if example.format in CONVERSATION_FORMATS and example.turns:
+            print(render_turns(example, tokenizer, color), file=stream)
+        else:
+            print(render(example, tokenizer, color), file=stream)
     summary = stats.summary()
     print("\nrecords read        ", summary["records"], file=stream)
     print("examples kept       ", summary["kept"], file=stream)
@@ -75,6 +122,10 @@ def inspect_data(data: list[str], tokenizer: Tokenizer, spec: DataSpec, on_bad_r
     for reason in stats.skipped.examples:
         print("   ", reason, file=stream)
     print("tokens              ", summary["tokens"], f"({summary['supervised_share']:.1%} supervised)", file=stream)
+    if stats.formats:
+        print("per format:", file=stream)
+        for line in format_table(stats):
+            print(line, file=stream)
     print("length histogram (tokens per example):", file=stream)
     for line in histogram(stats, spec.max_length):
         print(line, file=stream)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..data.chat import TEMPLATE_NAMES
+from ..data.encode import TRAIN_ON
+from ..data.formats import FORMATS
 from ..data.templates import FIELD_PRESETS, TEMPLATES
 from ..options import OptionsError, opt
 
@@ -17,16 +20,25 @@ TUTORIAL_TARGETS = ["token_embeddings", "qkv_proj", "out_proj", "proj_1", "proj_
 
 @dataclass
 class DataOptions:
-    data: list[str] = opt([], "training data: a JSON array file, a JSONL file, a directory of them, or a saved "
-                              "`datasets` folder; repeat the flag for several")
+    data: list[str] = opt([], "training data: a JSON array, JSONL, Parquet or CSV file, a directory of them, or a "
+                              "saved `datasets` folder; repeat the flag for several")
     tokenizer: str | None = opt(None, "tokenizer directory or hub id (default: the model directory's own)")
-    template: str = opt("openelm-sep", f"prompt template: {', '.join(TEMPLATES)}, or a format string with "
-                                       "{instruction} and {input}")
+    template: str = opt("openelm-sep", f"prompt template of alpaca records: {', '.join(TEMPLATES)}, or a format "
+                                       "string with {instruction} and {input}")
     fields: str = opt("en", f"record fields: {', '.join(FIELD_PRESETS)} (en_instruction/en_input/en_output, "
                             "instruction/input/output) or instruction=KEY,input=KEY,output=KEY")
     max_length: int = opt(384, "maximum tokens per example (prompt + answer + eos); longer ones are cut")
     on_bad_record: str = opt("error", "a record with missing/wrong fields or broken JSON: stop with an error, or "
                                       "skip it and count it", choices=("error", "skip"))
+    format: str = opt("auto", "record format: auto (each file's from its keys), alpaca (--fields), messages "
+                              "(role/content), sharegpt (conversations: from/value), completion (prompt + "
+                              "completion), text", choices=("auto", *FORMATS))
+    chat_template: str = opt("auto", f"how conversations are rendered: {', '.join(TEMPLATE_NAMES)} (auto: the "
+                                     "tokenizer's own chat_template, else openelm: system text, each user turn "
+                                     "then <sep>, each assistant turn then eos), a Jinja file, or a template "
+                                     "string")
+    train_on: str = opt("all-assistant", "supervised tokens of conversations: every assistant turn (content and "
+                                         "end token), only the last one, or all tokens", choices=TRAIN_ON)
 
 
 @dataclass
