@@ -362,3 +362,15 @@ def test_adapter_metadata_carries_the_template_itself(llama2, llama2_with_own_te
     assert chat_template_for_adapter(saved, llama2, override="chatml").name == "chatml"
     assert chat_template_for_adapter({}, llama2).name == "openelm"  # an adapter from before chat templates
     assert chat_template_for_adapter({}, llama2_with_own_template).source == LLAMA2_CHAT
+
+
+def test_prefix_rendering_falls_back_to_the_public_renderer(llama2, monkeypatch):
+    """The growing conversations are rendered by transformers' compiled template directly (faster); without it
+    (a transformers that moved it) the public renderer gives the same examples."""
+    import elmtune.data.chat as chat
+
+    records = [{"messages": m} for m in CONVERSATIONS]
+    expected = [(e.input_ids, e.labels) for e in encode(llama2, records, chat_template="chatml")[0]]
+    assert chat._compiled(CHATML_TEMPLATE) is not None
+    monkeypatch.setattr(chat, "_compiled", lambda source: None)
+    assert [(e.input_ids, e.labels) for e in encode(llama2, records, chat_template="chatml")[0]] == expected
