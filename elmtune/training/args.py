@@ -13,9 +13,11 @@ from ..data.chat import TEMPLATE_NAMES
 from ..data.encode import TRAIN_ON
 from ..data.formats import FORMATS
 from ..data.templates import FIELD_PRESETS, TEMPLATES
+from ..device import DEVICE_HELP
 from ..options import OptionsError, opt
 
 TUTORIAL_TARGETS = ["token_embeddings", "qkv_proj", "out_proj", "proj_1", "proj_2"]
+ATTENTION_CHOICES = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 @dataclass
@@ -69,7 +71,10 @@ class TrainOptions(DataOptions):
     warmup_steps: int = opt(0, "linear warm-up steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
-    precision: str = opt("auto", "auto = bf16 where the GPU/CPU supports it, else fp32",
+    device: str = opt("auto", f"where to train: {DEVICE_HELP}; under torchrun each process takes its own GPU "
+                              "(LOCAL_RANK)")
+    precision: str = opt("auto", "auto = bf16 where the device computes it natively (Ampere+ GPUs, CPUs with "
+                                 "AVX-512-BF16/AMX), fp16 with loss scaling on older GPUs, else fp32",
                          choices=("auto", "bf16", "fp16", "fp32"))
     gradient_checkpointing: str = opt("auto", "recompute activations in backward to save memory. off: keep all; "
                                               "on: selective, keep attention and the narrow projections' outputs, "
@@ -81,8 +86,10 @@ class TrainOptions(DataOptions):
     full_logits: bool = opt(False, "compute logits over the whole vocabulary at every position, as the tutorial "
                                    "does (default: only where a token is supervised, in chunks)")
     attn_implementation: str = opt("sdpa", "attention kernel: sdpa (PyTorch), eager (explicit matmuls, as Apple's "
-                                           "code), flash_attention_2 (GPU, if installed)",
-                                   choices=("sdpa", "eager", "flash_attention_2"))
+                                           "code), flex_attention (PyTorch's FlexAttention; GPU only for training), "
+                                           "flash_attention_2 / flash_attention_3 (CUDA, with the flash-attn "
+                                           "package)",
+                                   choices=ATTENTION_CHOICES)
     seed: int = opt(42, "seed for initialisation, data order and dropout")
     distributed: str = opt("ddp", "under torchrun / accelerate launch: ddp (each process a full model), fsdp (shard "
                                   "the frozen base across processes), deepspeed (ZeRO-2; needs deepspeed)",

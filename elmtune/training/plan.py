@@ -8,6 +8,7 @@ import os
 import torch
 
 from ..data import DataSpec
+from ..device import resolve_precision
 from ..models.loading import build_on_meta, load_config
 from ..tokenizer import load_tokenizer
 from .args import TrainOptions
@@ -82,10 +83,29 @@ def count_steps(options: TrainOptions, n_examples: int) -> tuple[int, int]:
     return steps_per_epoch, options.max_steps if options.max_steps > 0 else math.ceil(steps_per_epoch * options.epochs)
 
 
-def available_memory() -> int:
-    """Bytes the run can use: free GPU memory, else the system's available RAM."""
-    if torch.cuda.is_available():
-        return torch.cuda.mem_get_info()[0]
+def available_memory(device: torch.device | None = None) -> int:
+    """Bytes the run can use on ``device``: that GPU's free memory, else the system's available RAM.
+
+    Under torchrun every process reads its own GPU, and the processes then agree on the smallest figure (see
+    :func:`least_across_processes`), so that they all choose the same checkpointing mode.
+    """
+    if device is not None and device.type == "cuda":
+        return least_across_processes(torch.cuda.mem_get_info(device)[0], device)
+    return least_across_processes(_host_memory(), device)
+
+
+def least_across_processes(value: int, device: torch.device | None = None) -> int:
+    """The minimum of ``value`` over all processes of the run (just ``value`` when run alone)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    # NCCL reduces CUDA tensors only; gloo takes CPU ones
+    on = device if device is not None and torch.distributed.get_backend() == "nccl" else None
+    tensor = torch.tensor([value], dtype=torch.int64, device=on)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def _host_memory() -> int:
     try:
         for line in open("/proc/meminfo", encoding="ascii"):
             if line.startswith("MemAvailable:"):
@@ -96,7 +116,7 @@ def available_memory() -> int:
 
 
 def decide_checkpointing(options: TrainOptions, config, n_params: int, n_trainable: int, longest: int,
-                         precision: str) -> tuple[str, str]:
+                         precision: str, device: torch.device | None = None) -> tuple[str, str]:
     """The checkpointing mode (off, on, full) and why: as asked, or for ``auto`` the first of off → on → full
     whose memory estimate fits in 70% of the memory available."""
     unsupported = selective_unsupported(options.quantize, options.distributed, world()[1])
@@ -105,7 +125,7 @@ def decide_checkpointing(options: TrainOptions, config, n_params: int, n_trainab
     if options.gradient_checkpointing != "auto":
         return options.gradient_checkpointing, "as asked"
     tokens = options.batch_size * longest
-    have = available_memory()
+    have = available_memory(device)
     candidates = ("off",) if unsupported else ("off", "on")
     needs = {mode: estimate_memory(config, n_params, n_trainable, tokens, precision, mode)["total"]
              for mode in candidates}
@@ -126,8 +146,12 @@ def count_parameters(config, options: TrainOptions) -> tuple[int, int]:
 
 
 def plan_run(options: TrainOptions) -> dict:
-    from .recipe import default_tokenizer, load_data, resolve_precision
+    from ..device import describe
+    from .recipe import DTYPE_OF, check_attention, check_distributed, default_tokenizer, load_data, setup_device
 
+    device = setup_device(options)
+    check_attention(options, device)
+    check_distributed(options, device)
     config = load_config(options.model)
     tokenizer = load_tokenizer(default_tokenizer(options))
     spec = DataSpec.parse(options.template, options.fields, options.max_length)
@@ -136,12 +160,13 @@ def plan_run(options: TrainOptions) -> dict:
     steps_per_epoch, steps = count_steps(options, len(train_examples))
     disk, _ = estimate_disk(trainable, steps, options.save_steps, options.save_total_limit)
     lengths = sorted(len(e.input_ids) for e in train_examples)
-    precision = resolve_precision(options.precision)
-    checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, lengths[-1], precision)
+    precision = resolve_precision(options.precision, device)
+    checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, lengths[-1], precision,
+                                              device)
     memory = estimate_memory(config, total - trainable, trainable, options.batch_size * lengths[-1], precision,
                              checkpointing)
     return {
-        "model": options.model, "precision": precision,
+        "model": options.model, "device": describe(device, DTYPE_OF[precision]), "precision": precision,
         "parameters_total": total, "parameters_trainable": trainable,
         "trainable_share": round(trainable / total, 6),
         "data": stats.summary(), "train_examples": len(train_examples), "eval_examples": len(eval_examples),

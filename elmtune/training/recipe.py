@@ -30,6 +30,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from .. import __version__
 from ..data import DataSpec, EncodeStats, Example, load_examples
+from ..device import DeviceError, local_rank, pick_device, resolve_precision
 from ..models import PRESETS
 from ..data.collate import PackedCollator
 from ..models.loading import load_config
@@ -40,9 +41,12 @@ from .callbacks import MetricsCallback, ProgressCallback, plot_losses
 from .dropout import use_fast_dropout
 from .checkpointing import enable_checkpointing
 from .fused_lora import use_fused_lora
-from .plan import count_parameters, count_steps, decide_checkpointing, estimate_disk, lora_config, plan_run, world
+from .plan import (count_parameters, count_steps, decide_checkpointing, estimate_disk, lora_config, plan_run,
+                   world)
 from .safety import (MANIFEST, AtomicCheckpointTrainer, GracefulStop, NonFiniteGuard, RunLock, check_free_space,
                      is_complete, newest_complete_checkpoint, save_atomically)
+
+DTYPE_OF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 log = logging.getLogger("elmtune")
 METADATA_FILE = "elmtune.json"
@@ -90,17 +94,72 @@ class Run:
 # ----------------------------------------------------------------------------------------------- setup helpers
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto`` → bf16 on GPUs that support it and on CPUs with AVX-512-BF16 / AMX, else fp32."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+def setup_device(options: TrainOptions) -> torch.device:
+    """This process's device, made CUDA's current device before anything else touches CUDA.
+
+    Under torchrun every process would otherwise create a context on GPU 0 (the memory estimate's first query
+    alone costs ~0.5 GB there per process) and read GPU 0's free memory instead of its own.
+    """
+    size = world()[1]
+    if size > 1 and options.device.startswith("cuda:"):
+        raise TrainError(f"--device {options.device}: under torchrun each process trains on its own GPU (its "
+                         "LOCAL_RANK); pass --device cuda (or auto), and choose GPUs with CUDA_VISIBLE_DEVICES")
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "fp32"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+        device = pick_device(options.device)
+    except DeviceError as error:
+        raise TrainError(str(error)) from None
+    if device.type != "cuda":
+        return device
+    count, rank = torch.cuda.device_count(), local_rank()
+    if size > 1:
+        if rank >= count:
+            raise TrainError(f"process {rank} on this node has no GPU of its own ({count} GPU(s) here): start "
+                             f"torchrun --nproc_per_node {count}, or train on the CPUs with --device cpu")
+        device = torch.device("cuda", rank)
+    elif (device.index or 0) != 0:
+        # The Trainer trains a single process on the first visible GPU; only the environment can change which.
+        raise TrainError(f"--device {options.device}: a single process trains on the first visible GPU; run "
+                         f"with CUDA_VISIBLE_DEVICES={device.index} and --device cuda")
+    else:
+        device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    return device
+
+
+def check_attention(options: TrainOptions, device: torch.device) -> None:
+    """An attention implementation that cannot train here: one line naming what to install or choose instead."""
+    impl = options.attn_implementation
+    if impl.startswith("flash_attention"):
+        from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+        if device.type != "cuda":
+            raise TrainError(f"--attn-implementation {impl} runs on CUDA GPUs only (training here on {device}); "
+                             "use sdpa (the default)")
+        if not (is_flash_attn_2_available if impl.endswith("2") else is_flash_attn_3_available)():
+            package = "flash-attn" if impl.endswith("2") else "flash-attn 3 (flash_attn_interface, from its hopper/ folder)"
+            raise TrainError(f"--attn-implementation {impl} needs the {package} package for this GPU and torch "
+                             "(pip install flash-attn --no-build-isolation); or use sdpa (the default), which "
+                             "keeps packed examples apart just as exactly")
+    elif impl == "flex_attention" and device.type != "cuda":
+        raise TrainError(f"--attn-implementation flex_attention has no backward pass on {device.type} in PyTorch "
+                         f"{torch.__version__.split('+')[0]} (training needs one); use sdpa (the default) or eager")
+
+
+def check_distributed(options: TrainOptions, device: torch.device) -> None:
+    """Engine choices that cannot work as asked, refused before anything is loaded.
+
+    * FSDP shards across GPUs only: accelerate runs CPU (and mps) processes as plain DDP whatever is asked, so
+      the run would neither shard nor say so;
+    * DeepSpeed applies its update inside backward, before any callback sees the gradients: a step cannot be
+      skipped there (``stop`` still works, from the loss, see :class:`~.safety.NonFiniteGuard`).
+    """
+    if options.distributed == "fsdp" and world()[1] > 1 and device.type != "cuda":
+        raise TrainError(f"--distributed fsdp shards the model across CUDA GPUs only; these processes train on "
+                         f"{device.type}, where it would run as plain DDP: use --distributed ddp")
+    if options.distributed == "deepspeed" and options.nan_policy == "skip-step":
+        raise TrainError("--nan-policy skip-step cannot work with --distributed deepspeed (DeepSpeed updates the "
+                         "weights inside backward, before a step could be dropped); use --nan-policy stop, which "
+                         "checks the loss on every process before backward, or --distributed ddp/fsdp")
 
 
 def check_output_dir(options: TrainOptions) -> tuple[Path, RunLock | None]:
@@ -211,20 +270,24 @@ def load_data(options: TrainOptions, tokenizer: Tokenizer, spec: DataSpec):
     return train_examples, eval_examples, stats
 
 
-def build_peft_model(options: TrainOptions, dtype: torch.dtype, checkpointing: str):
+def build_peft_model(options: TrainOptions, dtype: torch.dtype, checkpointing: str,
+                     device: torch.device | None = None):
+    """The LoRA model, its weights read (or a preset built) straight onto ``device`` in ``dtype``."""
     from peft import get_peft_model
 
     from ..models.loading import load_model
 
     kwargs = {"attn_implementation": options.attn_implementation}
     if options.quantize == "4bit":
-        kwargs["quantization_config"] = _bnb_4bit_config(options)
-    model = load_model(options.model, dtype=dtype, seed=options.seed, **kwargs)
+        kwargs["quantization_config"] = _bnb_4bit_config(options, dtype)
+    on = device if device is not None and device.type != "cpu" else None
+    model = load_model(options.model, dtype=dtype, seed=options.seed, device=on, **kwargs)
     model.supervised_logits_only = not options.full_logits
     if options.quantize == "4bit":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing != "off")
+        keep_embeddings_in(model, dtype)
     lora = lora_config(options, task_type="CAUSAL_LM")
     torch.manual_seed(options.seed)  # LoRA A matrices are random: the same seed gives the same start
     peft_model = get_peft_model(model, lora)
@@ -243,7 +306,19 @@ def build_peft_model(options: TrainOptions, dtype: torch.dtype, checkpointing: s
     return peft_model
 
 
-def _bnb_4bit_config(options: TrainOptions):
+def keep_embeddings_in(model, dtype: torch.dtype) -> None:
+    """Undo ``prepare_model_for_kbit_training``'s fp32 upcast for the token embedding and output head.
+
+    It upcasts every weight that is not quantized; OpenELM's (tied) embedding is the output head, ~100M
+    parameters for the 3B model, which the chunked loss would cast back to ``dtype`` for every chunk.  The norms
+    (small, and precision-sensitive) stay in fp32.
+    """
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None and module.weight.dtype != dtype:
+            module.weight.data = module.weight.data.to(dtype)
+
+
+def _bnb_4bit_config(options: TrainOptions, dtype: torch.dtype):
     if options.model in PRESETS:
         raise TrainError("--quantize 4bit quantizes pretrained weights; it cannot be used with a random-init preset")
     if not torch.cuda.is_available():
@@ -254,11 +329,15 @@ def _bnb_4bit_config(options: TrainOptions):
         raise TrainError("--quantize 4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes") from None
     from transformers import BitsAndBytesConfig
 
+    # Compute in the training dtype (fp16 on GPUs without native bf16); storing the packed 4-bit weights in
+    # that dtype too lets FSDP shard them (it only shards floating-point parameters).
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
 
 
-def training_arguments(options: TrainOptions, out: Path, precision: str, has_eval: bool) -> TrainingArguments:
+def training_arguments(options: TrainOptions, out: Path, precision: str, has_eval: bool,
+                       device: torch.device | None = None) -> TrainingArguments:
+    """The Trainer's arguments; under torchrun, building them starts the process group."""
     if options.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -266,7 +345,8 @@ def training_arguments(options: TrainOptions, out: Path, precision: str, has_eva
             raise TrainError("--tensorboard needs the tensorboard package: "
                              "pip install 'elmtune[tensorboard]'") from None
     eval_steps = options.eval_steps or options.save_steps
-    return TrainingArguments(
+    cpu = (device.type == "cpu") if device is not None else not torch.cuda.is_available()
+    args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=options.batch_size, per_device_eval_batch_size=options.batch_size,
         gradient_accumulation_steps=options.grad_accum, learning_rate=options.lr,
@@ -280,8 +360,23 @@ def training_arguments(options: TrainOptions, out: Path, precision: str, has_eva
         **(distributed_arguments(options) if world()[1] > 1 else {}),
         remove_unused_columns=False, disable_tqdm=True,
         include_num_input_tokens_seen="all" if options.packing else "non_padding",  # packed rows hold no padding
-        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), log_level="warning",
+        dataloader_num_workers=0, use_cpu=cpu, log_level="warning",
     )
+    return one_gpu_per_process(args)
+
+
+def one_gpu_per_process(args: TrainingArguments) -> TrainingArguments:
+    """One process sees several GPUs (no torchrun): train on one of them, never through ``nn.DataParallel``.
+
+    The Trainer would wrap the model in DataParallel, which splits each batch along its rows — a packed
+    micro-batch is one row, so one GPU would do all the work while the step and disk plans assumed all of them.
+    """
+    if world()[1] == 1 and args.n_gpu > 1:
+        log.warning("%d GPUs are visible but elmtune runs as one process: training on %s only. To train on all "
+                    "of them: torchrun --nproc_per_node %d -m elmtune.cli train …", args.n_gpu, args.device,
+                    args.n_gpu)
+        args._n_gpu = 1  # what the Trainer reads to decide on DataParallel (and to scale the batch size)
+    return args
 
 
 def tensorboard_callback(out: Path) -> TrainerCallback:
@@ -322,8 +417,10 @@ def metadata(options: TrainOptions, spec: DataSpec, stats: EncodeStats) -> dict:
 def distributed_arguments(options: TrainOptions) -> dict:
     """TrainingArguments for the chosen engine (used only under a multi-process launcher)."""
     if options.distributed == "fsdp":
-        return {"fsdp": "full_shard auto_wrap",
-                "fsdp_config": {"transformer_layer_cls_to_wrap": ["OpenELMDecoderLayer"], "use_orig_params": True}}
+        # FSDP2 (per-parameter sharding), each decoder layer its own unit; the mixed-precision policy (bf16
+        # compute, fp32 LoRA weights and gradient reduction) is set on the plugin by fsdp_mixed_precision.
+        return {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["OpenELMDecoderLayer"],
+                                              "reshard_after_forward": True}}
     if options.distributed == "deepspeed":
         try:
             import deepspeed  # noqa: F401
@@ -333,6 +430,19 @@ def distributed_arguments(options: TrainOptions) -> dict:
                               "fp16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
                               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}}
     return {"ddp_find_unused_parameters": False}
+
+
+def fsdp_mixed_precision(trainer: Trainer, dtype: torch.dtype) -> None:
+    """FSDP2 with a frozen base in ``dtype`` and fp32 LoRA weights: compute in ``dtype``, reduce gradients in fp32.
+
+    accelerate's default policy for bf16 would reduce the LoRA gradients in bf16 as well.
+    """
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is None or dtype == torch.float32:
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
 class ReleaseFreedMemory(TrainerCallback):
@@ -382,6 +492,9 @@ def setup(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()) 
 
 
 def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks) -> Run:
+    device = setup_device(options)  # first: nothing may touch CUDA before this process's GPU is chosen
+    check_attention(options, device)
+    check_distributed(options, device)
     config = load_config(options.model)  # fails fast on a wrong --model, before data is read
     resume_from = find_resume_checkpoint(options, out)
     tokenizer = load_tokenizer(default_tokenizer(options))
@@ -392,27 +505,36 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
         write_yaml(options, out / "config.yaml")
         (out / METADATA_FILE).write_text(json.dumps(metadata(options, spec, stats), indent=2), encoding="utf-8")
 
-    precision = resolve_precision(options.precision)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    precision = resolve_precision(options.precision, device)
+    dtype = DTYPE_OF[precision]
     trainable, total = count_parameters(config, options)
     if world()[0] == 0:
         check_disk(options, out, trainable, len(train_examples), resume_from)
+    # Before the memory plan: under torchrun this starts the process group the ranks agree through.
+    args = training_arguments(options, out, precision, bool(eval_examples), device)
     longest = max(len(e.input_ids) for e in train_examples)
-    checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, longest, precision)
+    checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, longest, precision,
+                                              device)
     overridden = options.gradient_checkpointing not in ("auto", checkpointing)
     (log.warning if overridden else log.info)("gradient checkpointing %s (%s)", checkpointing, why)
-    args = training_arguments(options, out, precision, bool(eval_examples))  # checks extras first
-    model = build_peft_model(options, dtype, checkpointing)
+    model = build_peft_model(options, dtype, checkpointing, device)
     run.stop = GracefulStop()
+    guard = NonFiniteGuard(options.nan_policy, out / "checkpoints")
     run.trainer = AtomicCheckpointTrainer(
         model=model, args=args,
         train_dataset=_Features(train_examples), eval_dataset=_Features(eval_examples) if eval_examples else None,
         data_collator=make_collator(tokenizer, options.packing),
         callbacks=[MetricsCallback(out / "metrics.jsonl"), ProgressCallback(),
-                   *([] if torch.cuda.is_available() else [ReleaseFreedMemory()]),
-                   NonFiniteGuard(options.nan_policy, out / "checkpoints"), run.stop,
-                   *([tensorboard_callback(out)] if options.tensorboard else []), *callbacks],
+                   *([ReleaseFreedMemory()] if device.type == "cpu" else []),
+                   guard, run.stop, *([tensorboard_callback(out)] if options.tensorboard else []), *callbacks],
     )
+    if run.trainer.is_deepspeed_enabled:
+        run.trainer.loss_guard = guard  # the gradients are out of the guard's reach there: check the loss
+    if options.distributed == "fsdp" and world()[1] > 1:
+        if not run.trainer.is_fsdp_enabled:  # never silently unsharded
+            raise TrainError("--distributed fsdp: accelerate did not enable FSDP for this run (distributed type "
+                             f"{run.trainer.accelerator.distributed_type}); use --distributed ddp")
+        fsdp_mixed_precision(run.trainer, dtype)
     run.trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs; metrics.jsonl keeps them
     return run
 

@@ -90,7 +90,18 @@ class AtomicCheckpointTrainer(Trainer):
     a kill or a full disk mid-save leaves at most a staging directory, never a ``checkpoint-N`` that is not
     complete.  A write error removes the staging directory and stops the run with a :class:`CheckpointWriteError`
     that names the last complete checkpoint.
+
+    With ``loss_guard`` set (under DeepSpeed, where the gradients are out of reach), each training loss is checked
+    by :meth:`NonFiniteGuard.check_loss` before its backward pass.
     """
+
+    loss_guard: "NonFiniteGuard | None" = None
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if self.loss_guard is not None and model.training:
+            self.loss_guard.check_loss(result[0] if isinstance(result, tuple) else result, self.state.global_step)
+        return result
 
     def _save_checkpoint(self, model, trial):
         parent = Path(self.args.output_dir)
@@ -219,6 +230,10 @@ class NonFiniteGuard(TrainerCallback):
     ``skip-step``: drop this step's gradients (the optimizer then leaves the weights and its own state alone:
     PyTorch optimizers skip parameters without a gradient) and go on; skipped steps are counted.
     Under fp16 the GradScaler already skips overflowing steps (and lowers its scale), so the guard stands aside.
+
+    Under DeepSpeed the engine steps inside backward and keeps the gradients in its own partitions: the callback
+    would see nothing.  There :meth:`check_loss` runs instead, on every micro-batch's loss before its backward
+    (``stop`` only: ``skip-step`` is refused with DeepSpeed before the run starts).
     """
 
     def __init__(self, policy: str, checkpoints: Path):
@@ -226,16 +241,12 @@ class NonFiniteGuard(TrainerCallback):
         self.skipped: list[int] = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if args.fp16:  # the fp16 GradScaler skips overflowing steps and lowers its scale itself: leave it be
+        if args.fp16 or args.deepspeed:  # the fp16 GradScaler skips overflowing steps itself; DeepSpeed: see above
             return
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
         finite = (torch.stack([g.isfinite().all() for g in grads]).all() if grads
                   else torch.ones((), dtype=torch.bool, device=next(model.parameters()).device))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # each rank may hold only a shard of the gradients (FSDP): all ranks decide together
-            finite = finite.to(torch.int32)
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if bool(finite):  # one host sync per step
+        if _all_ranks_agree(finite):  # one host sync per step
             return
         step = state.global_step + 1
         if self.policy == "skip-step":
@@ -244,8 +255,25 @@ class NonFiniteGuard(TrainerCallback):
             self.skipped.append(step)
             log.warning("step %d: non-finite gradients; step skipped (--nan-policy skip-step)", step)
             return
+        self._stop(step, "the loss or gradients are")
+
+    def check_loss(self, loss: torch.Tensor, global_step: int) -> None:
+        """Stop before backward when any process's training loss is NaN/inf (all processes decide together)."""
+        if not _all_ranks_agree(loss.detach().isfinite().all()):
+            self._stop(global_step + 1, "the loss is", skip_hint=False)
+
+    def _stop(self, step: int, what: str, skip_hint: bool = True) -> None:
         good = newest_complete_checkpoint(self.checkpoints)
         raise NonFiniteError(
-            f"step {step}: the loss or gradients are not finite (NaN/inf); stopped before updating the weights. "
+            f"step {step}: {what} not finite (NaN/inf); stopped before updating the weights. "
             + (f"The last good checkpoint is {good}. " if good else "")
-            + "Lower --lr, check the data, or pass --nan-policy skip-step to skip such steps")
+            + "Lower --lr, check the data" + (", or pass --nan-policy skip-step to skip such steps" if skip_hint
+                                              else ""))
+
+
+def _all_ranks_agree(ok: torch.Tensor) -> bool:
+    """True when ``ok`` holds on every process (each may see only its own batch, or a shard of the gradients)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        ok = ok.to(torch.int32)
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok)

@@ -107,7 +107,7 @@ def test_auto_takes_the_first_mode_that_fits(monkeypatch):
     assert needs["off"] > needs["on"] > needs["full"]
     options = TrainOptions(gradient_checkpointing="auto", batch_size=8)
     for have, expected in ((needs["off"] / 0.6, "off"), (needs["on"] / 0.6, "on"), (needs["full"], "full")):
-        monkeypatch.setattr(plan, "available_memory", lambda have=have: int(have))
+        monkeypatch.setattr(plan, "available_memory", lambda device=None, have=have: int(have))
         assert plan.decide_checkpointing(options, config, params, trainable, longest, "bf16")[0] == expected
     assert plan.decide_checkpointing(TrainOptions(gradient_checkpointing="on"), config, params, trainable, longest,
                                      "bf16") == ("on", "as asked")
@@ -123,7 +123,7 @@ def test_selective_falls_back_to_full_where_it_would_keep_nothing(monkeypatch):
                                           270_000_000, 10_000_000, 384, "bf16")
     assert mode == "full" and "quantized" in why
     need_on = plan.estimate_memory(config, 270_000_000, 10_000_000, 8 * 384, "bf16", "on")["total"]
-    monkeypatch.setattr(plan, "available_memory", lambda: int(need_on / 0.6))  # selective would fit, off would not
+    monkeypatch.setattr(plan, "available_memory", lambda device=None: int(need_on / 0.6))  # selective would fit, off would not
     assert plan.decide_checkpointing(TrainOptions(gradient_checkpointing="auto", batch_size=8), config,
                                      270_000_000, 10_000_000, 384, "bf16")[0] == "on"
     assert plan.decide_checkpointing(TrainOptions(gradient_checkpointing="auto", batch_size=8, quantize="4bit"),

@@ -1,4 +1,8 @@
-"""`elmtune train` under torchrun: 2 CPU processes (gloo) must train exactly what one process trains."""
+"""`elmtune train` under torchrun: 2 CPU processes (gloo) must train exactly what one process trains.
+
+Every run passes ``--device cpu``: on a machine with fewer GPUs than processes, each process would otherwise be
+refused (it would have no GPU of its own).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,9 @@ import sys
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 
-from tests.helpers import REPO_ROOT, tiny_model, tiny_run_inputs
+from tests.helpers import REPO_ROOT, tiny_run_inputs
 
 TIMEOUT = 240  # seconds for one training run (they take ~10 s)
 
@@ -33,7 +36,7 @@ def train_cli(directory, out, *extra, nproc: int = 1):
     args = ["train", "--model", str(directory / "base"), "--data", str(directory / "data.jsonl"), "--fields", "zh",
             "--output-dir", str(out), "--max-steps", "4", "--save-steps", "2", "--lr", "5e-2", "--lora-r", "4",
             "--lora-alpha", "8", "--lora-dropout", "0", "--precision", "fp32", "--logging-steps", "1",
-            "--gradient-checkpointing", "off", *extra]
+            "--gradient-checkpointing", "off", "--device", "cpu", *extra]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                 str(free_port())] if nproc > 1 else [sys.executable]
     # A hang (e.g. at exit) fails with every process's Python stack: faulthandler dumps them on SIGABRT.
@@ -95,16 +98,3 @@ def test_two_rank_resume_equals_an_uninterrupted_two_rank_run(setup_dir, tmp_pat
          str(resumed / "checkpoints" / "checkpoint-2"), "--max-steps", "4"], capture_output=True, text=True,
         cwd=REPO_ROOT, timeout=300)
     assert changed.returncode == 2 and "2 processes" in changed.stderr and "1 process" in changed.stderr
-
-
-def test_fsdp_on_two_cpu_ranks_trains_what_one_process_trains_and_stock_peft_loads_it(setup_dir, tmp_path):
-    out = tmp_path / "fsdp"
-    train_cli(setup_dir, out, "--batch-size", "2", "--distributed", "fsdp", nproc=2)
-    train_cli(setup_dir, tmp_path / "single", "--batch-size", "4")
-    trained = adapter(out)
-    assert_same(adapter(tmp_path / "single"), trained)  # sharded base, same global batch: the same adapter
-    assert any(k.endswith("lora_B.weight") and trained[k].abs().max() > 0 for k in trained)
-    model = PeftModel.from_pretrained(tiny_model(), out).eval()
-    with torch.no_grad():
-        logits = model(torch.tensor([[1, 5, 6, 7]])).logits
-    assert torch.isfinite(logits).all()
