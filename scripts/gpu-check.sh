@@ -30,7 +30,12 @@ done
 # Packages the GPU image lacks or has too old, pinned to the versions this checkout was tested with.
 WHEELS=(transformers tokenizers huggingface-hub peft datasets dill multiprocess fastapi starlette annotated-doc
         pydantic pydantic-core annotated-types typing-inspection uvicorn openai jiter distro sniffio gguf)
+# Optional, fetched at their newest release only when named in $GPU_CHECK_EXTRAS (e.g. "bitsandbytes": QLoRA's
+# test skips without it; its wheel alone is ~43 MB, which a size-limited transfer to the GPU host may not take).
+read -r -a OPTIONAL_WHEELS <<< "${GPU_CHECK_EXTRAS:-}"
 WHEEL_PYTHON=${WHEEL_PYTHON:-3.12}
+PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
+           --platform manylinux2014_x86_64)
 SITE=/tmp/elmtune-gpu-site
 MODEL=${GPU_CHECK_MODEL:-openelm-3b}
 TESTS=$(find tests -name 'test_gpu*.py' | sort | tr '\n' ' ')
@@ -41,12 +46,17 @@ BENCH_GENERATE=(bench generate --model "$MODEL" --new-tokens 64 --dtype auto --d
 if [ "$MODE" = prepare ]; then
     PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
     mkdir -p .whl .gpu-shared/data/alpaca-chinese
+    "$PY" -c "import importlib.metadata as m; m.version('elmtune')" 2>/dev/null \
+        || { echo "gpu-check --prepare: elmtune is not installed here; run scripts/setup.sh first" >&2; exit 1; }
     for name in "${WHEELS[@]}"; do
         version=$("$PY" -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null) \
-            || { echo "gpu-check --prepare: $name is not installed here; run scripts/setup.sh first" >&2; exit 1; }
+            || { echo "gpu-check --prepare: $name is not installed here (not needed by these versions): skipped"; continue; }
         "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$WHEEL_PYTHON" --implementation cp \
-            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-            -d .whl "$name==$version" || exit 1
+            "${PLATFORMS[@]}" -d .whl "$name==$version" || exit 1
+    done
+    for name in "${OPTIONAL_WHEELS[@]+"${OPTIONAL_WHEELS[@]}"}"; do
+        "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$WHEEL_PYTHON" --implementation cp \
+            "${PLATFORMS[@]}" -d .whl "$name" || echo "gpu-check --prepare: no wheel for $name (its tests will skip)"
     done
     shared=${ELMTUNE_SHARED:-../shared}
     cp -r "$shared/data/llama2-tokenizer" .gpu-shared/data/ || exit 1
