@@ -291,7 +291,7 @@ def split_conversation(messages: list[dict], template: ChatTemplate, tokenizer, 
                                 "differently with a generation prompt")
         text = final
     elif continue_final_message:  # the last assistant turn left open: its header and content, no end token
-        if not final.startswith(heads[-1]) or len(final) > len(full):
+        if not (final.startswith(heads[-1]) and full.startswith(final)):
             raise TemplateError(f"{where}: the chat template ({template.name}) cannot continue this message")
         text = final
 

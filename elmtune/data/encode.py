@@ -135,15 +135,6 @@ class DataSpec:
                 "chat_template": self.chat_template_for(tokenizer).to_dict(), "train_on": self.train_on}
 
 
-def encode_pair(tokenizer: Tokenizer, prompt_ids: list[int], answer_ids: list[int], max_length: int):
-    """(input_ids, labels, truncated) for one tokenized prompt/answer pair, as the tutorial builds it."""
-    head = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + prompt_ids
-    input_ids = head + answer_ids + [tokenizer.eos_id]
-    labels = [IGNORE_INDEX] * len(head) + answer_ids + [tokenizer.eos_id]
-    truncated = len(input_ids) > max_length
-    return input_ids[:max_length], labels[:max_length], truncated
-
-
 @dataclass
 class _Item:
     record: Record
@@ -154,30 +145,29 @@ class _Item:
     last_span: int | None = None
 
 
-def _pair_pieces(tokenizer: Tokenizer, prompt: str, answer: str, roles: tuple[str, str],
+def _pair_pieces(bos: list[int], eos: int, prompt: str, answer: str, roles: tuple[str, str],
                  continued: bool = False) -> list[Piece]:
     """``[bos] prompt`` and ``answer [eos]``; the answer tokenized on its own (the tutorial's way), or
     ``continued`` from the prompt (plain text: the two decode to prompt + answer)."""
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     answer_unit = Continuation(answer) if continued and prompt else answer
     return [Piece(prompt, 0, roles[0], None, bos + ([prompt] if prompt else [])),
-            Piece(answer, 1, roles[1], 1, [answer_unit, tokenizer.eos_id])]
+            Piece(answer, 1, roles[1], 1, [answer_unit, eos])]
 
 
-def _item(record: Record, fmt: str, spec: DataSpec, template: ChatTemplate, tokenizer: Tokenizer) -> _Item:
-    """A record as pieces to tokenize (raises DataError for a bad one)."""
+def _item(record: Record, fmt: str, spec: DataSpec, template: ChatTemplate, tokenizer: Tokenizer,
+          bos: list[int], eos: int) -> _Item:
+    """A record as pieces to tokenize (raises DataError for a bad one); ``bos`` is ``[]`` or ``[bos id]``."""
     if fmt == "alpaca":
         instruction, input_text, output = spec.fields.extract(record)
-        pieces = _pair_pieces(tokenizer, spec.template.prompt(instruction, input_text), output, ("prompt", "answer"))
+        pieces = _pair_pieces(bos, eos, spec.template.prompt(instruction, input_text), output, ("prompt", "answer"))
         return _Item(record, fmt, pieces, 2, spec.train_on == "all", 1)
     if fmt == "completion":
         prompt, completion = completion_of(record)
-        return _Item(record, fmt, _pair_pieces(tokenizer, prompt, completion, ("prompt", "completion"), True), 2,
+        return _Item(record, fmt, _pair_pieces(bos, eos, prompt, completion, ("prompt", "completion"), True), 2,
                      spec.train_on == "all", 1)
     if fmt == "text":
         text = text_of(record)
-        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-        return _Item(record, fmt, [Piece(text, 0, "text", 0, bos + [text, tokenizer.eos_id])], 1, True, 0)
+        return _Item(record, fmt, [Piece(text, 0, "text", 0, bos + [text, eos])], 1, True, 0)
     assert fmt in CONVERSATION_FORMATS, fmt
     messages = conversation_of(record, fmt, require_assistant_end=spec.train_on != "all")
     rendered = split_conversation(messages, template, tokenizer, where=record.where)
@@ -185,48 +175,50 @@ def _item(record: Record, fmt: str, spec: DataSpec, template: ChatTemplate, toke
                  rendered.assistant_turns[-1] if rendered.assistant_turns else None)
 
 
-def _fit(labels: list[int], turn_ends: list[int], max_length: int) -> int:
+def _fit(labels: list[int], turns: list[list], supervised: int, max_length: int) -> int:
     """How many tokens to keep (0: nothing supervised would remain): all when they fit; else up to the end of the
-    last whole turn that fits and holds a supervised token; else the first ``max_length``."""
-    supervised_before = [0]
-    for label in labels:
-        supervised_before.append(supervised_before[-1] + (label != IGNORE_INDEX))
+    last whole turn that fits and holds a supervised token; else the first ``max_length``.  ``turns`` are
+    ``[turn, role, start, end, supervised tokens]``."""
     if len(labels) <= max_length:
-        return len(labels) if supervised_before[-1] else 0
-    start = 0
+        return len(labels) if supervised else 0
     best = 0
-    for end in turn_ends:
+    for *_, end, count in turns:
         if end > max_length:
             break
-        if supervised_before[end] > supervised_before[start]:  # this whole turn fits and teaches something
+        if count:
             best = end
-        start = end
     if best:
         return best
-    return max_length if supervised_before[max_length] else 0
+    return max_length if any(label != IGNORE_INDEX for label in labels[:max_length]) else 0
 
 
-def _example(item: _Item, spec: DataSpec, tokenizer: Tokenizer) -> tuple[Example | None, bool]:
-    """(the example, or None when nothing supervised remains; whether it was cut)."""
-    input_ids, labels, turns = [], [], []
+def _example(item: _Item, spec: DataSpec, bos_id: int | None) -> tuple[Example | None, bool, int]:
+    """(the example, or None when nothing supervised remains; whether it was cut; its supervised tokens)."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    turns: list[list] = []  # [turn, role, start, end, supervised tokens]
     for piece in item.pieces:
         supervised = item.supervise_all or (piece.span is not None and (
             spec.train_on != "last-turn" or piece.span == item.last_span))
-        if turns and turns[-1][0] == piece.turn:
-            turns[-1][3] = len(input_ids) + len(piece.ids)
-        else:
-            turns.append([piece.turn, piece.role, len(input_ids), len(input_ids) + len(piece.ids)])
+        if not (turns and turns[-1][0] == piece.turn):
+            turns.append([piece.turn, piece.role, len(input_ids), len(input_ids), 0])
         input_ids += piece.ids
         labels += piece.ids if supervised else [IGNORE_INDEX] * len(piece.ids)
-    if input_ids and labels[0] != IGNORE_INDEX and input_ids[0] == tokenizer.bos_id:
+        turns[-1][3] = len(input_ids)
+        turns[-1][4] += len(piece.ids) if supervised else 0
+    if input_ids and labels[0] != IGNORE_INDEX and input_ids[0] == bos_id:
         labels[0] = IGNORE_INDEX  # nothing precedes bos: it is never a target
-    keep = _fit(labels, [end for *_, end in turns], spec.max_length)
+        turns[0][4] -= 1
+    supervised = sum(t[4] for t in turns)
+    keep = _fit(labels, turns, supervised, spec.max_length)
     truncated = keep < len(input_ids)
     if keep == 0:
-        return None, truncated
-    kept_turns = [(role, a, min(b, keep)) for _, role, a, b in turns if a < keep]
-    return Example(input_ids[:keep], labels[:keep], item.record.source, item.record.index, item.format,
-                   kept_turns), truncated
+        return None, truncated, 0
+    if truncated:
+        supervised = sum(label != IGNORE_INDEX for label in labels[:keep])
+    kept_turns = [(role, a, min(b, keep)) for _, role, a, b, _ in turns if a < keep]
+    return (Example(input_ids[:keep], labels[:keep], item.record.source, item.record.index, item.format,
+                    kept_turns), truncated, supervised)
 
 
 def encode_records(records: list[Record], tokenizer: Tokenizer, spec: DataSpec, stats: EncodeStats,
@@ -236,12 +228,14 @@ def encode_records(records: list[Record], tokenizer: Tokenizer, spec: DataSpec, 
     if stats.files is None:
         stats.files = FormatTracker(spec.format)
     template = spec.chat_template_for(tokenizer)
+    bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
+    bos = [bos_id] if bos_id is not None else []
     items: list[_Item] = []
     for record in records:
         stats.records += 1
         try:
             fmt = stats.files.format_of(record, spec.fields)
-            item = _item(record, fmt, spec, template, tokenizer)
+            item = _item(record, fmt, spec, template, tokenizer, bos, eos_id)
         except DataError as error:
             if not skip_bad:
                 raise
@@ -256,12 +250,11 @@ def encode_records(records: list[Record], tokenizer: Tokenizer, spec: DataSpec, 
     for item in items:
         per_format = stats.formats.setdefault(item.format, FormatStats())
         per_format.records += 1
-        example, truncated = _example(item, spec, tokenizer)
+        example, truncated, supervised = _example(item, spec, bos_id)
         if example is None:
             stats.dropped_all_masked += 1  # would train on nothing (NaN or zero loss): never keep it
             per_format.dropped_all_masked += 1
             continue
-        supervised = sum(label != IGNORE_INDEX for label in example.labels)
         for s in (stats, per_format):
             s.kept += 1
             s.truncated += truncated
