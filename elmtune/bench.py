@@ -54,9 +54,10 @@ class BenchTrainOptions:
     model: str = opt("openelm-270m", "preset (random init) or checkpoint directory")
     tokenizer: str | None = opt(None, "tokenizer (default: ../shared's Llama-2 tokenizer)")
     data: str | None = opt(None, "records (default: ../shared's alpaca-chinese part_0; generated when absent)")
-    steps: int = opt(4, "optimizer steps per path; the first is warm-up and not timed")
-    batch_size: int = opt(8, "examples per micro-batch (the tutorial's 8)")
-    grad_accum: int = opt(2, "micro-batches per step (the tutorial uses 4; fewer keeps the bench short)")
+    steps: int = opt(4, "optimizer steps per path; the first is warm-up and not timed", minimum=2)
+    batch_size: int = opt(8, "examples per micro-batch (the tutorial's 8)", minimum=1)
+    grad_accum: int = opt(2, "micro-batches per step (the tutorial uses 4; fewer keeps the bench short)",
+                         minimum=1)
     precision: str = opt("bf16", "bf16 (the tutorial's), fp16 (GPUs before Ampere) or fp32",
                          choices=("bf16", "fp16", "fp32"))
     device: str = opt("auto", "where to train: auto (the GPU if there is one), cuda, mps or cpu",
@@ -225,8 +226,8 @@ def report(results: dict, peak_flops: float, options: BenchTrainOptions, device:
 @dataclass
 class BenchGenerateOptions:
     model: str = opt("openelm-270m", "preset (random init) or checkpoint directory")
-    new_tokens: int = opt(64, "tokens to generate per sequence")
-    prompt_tokens: int = opt(32, "prompt length")
+    new_tokens: int = opt(64, "tokens to generate per sequence", minimum=1)
+    prompt_tokens: int = opt(32, "prompt length", minimum=1)
     dtype: str = opt("bf16", "weight dtype (auto: the device's native one)", choices=("auto", "bf16", "fp16", "fp32"))
     device: str = opt("auto", "cuda, cuda:N, mps or cpu (auto: the GPU if there is one)")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .options import opt
+from .options import SEED_MAX, opt
 
 WORDS = ("red blue green black white pink gray gold cat dog fox owl bee cow pig hen "
          "sun moon star rain snow wind tree leaf").split()
@@ -29,10 +29,13 @@ INSTRUCTION = "Reverse the order of these words: "
 class DemoOptions:
     output_dir: str = opt("elmtune-demo", "where the dataset, tokenizer, base model, adapter and summary go",
                           short="-o")
-    train_examples: int = opt(20000, "generated training examples")
-    heldout_examples: int = opt(200, "generated held-out examples (word sequences never seen in training)")
-    max_steps: int = opt(1000, "LoRA optimizer steps")
-    seed: int = opt(0, "seed for data, model and training")
+    # make_task draws distinct sequences of 3-5 of the 24 words, and there are 5,367,648 of them: together the two
+    # maxima stay below that, so the drawing always ends.
+    train_examples: int = opt(20000, "generated training examples", minimum=1, maximum=5_000_000)
+    heldout_examples: int = opt(200, "generated held-out examples (word sequences never seen in training)",
+                                minimum=1, maximum=100_000)
+    max_steps: int = opt(1000, "LoRA optimizer steps", minimum=1)
+    seed: int = opt(0, "seed for data, model and training", minimum=0, maximum=SEED_MAX)
     overwrite: bool = opt(True, "replace an earlier demo in --output-dir")
 
 

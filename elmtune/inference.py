@@ -14,7 +14,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from .data import Fields, Template
-from .options import opt
+from .options import SEED_MAX, opt
 from .tokenizer import Tokenizer, load_tokenizer
 
 METADATA_FILE = "elmtune.json"
@@ -26,13 +26,14 @@ class InferenceError(ValueError):
 
 @dataclass
 class SamplingOptions:
-    max_new_tokens: int = opt(256, "most tokens to generate per prompt")
-    temperature: float = opt(0.0, "sampling temperature; 0 = greedy")
-    top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this probability mass")
-    top_k: int = opt(0, "sample only from the k most likely tokens (0: no limit)")
+    max_new_tokens: int = opt(256, "most tokens to generate per prompt", minimum=1)
+    temperature: float = opt(0.0, "sampling temperature; 0 = greedy", minimum=0)
+    top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this probability mass",
+                       above=0, maximum=1)
+    top_k: int = opt(0, "sample only from the k most likely tokens (0: no limit)", minimum=0)
     repetition_penalty: float = opt(1.2, "penalise tokens already in the prompt or output (1.0: off; Apple "
-                                          "recommends 1.2 for OpenELM)")
-    seed: int | None = opt(None, "seed for sampling (reproducible outputs)")
+                                          "recommends 1.2 for OpenELM)", above=0)
+    seed: int | None = opt(None, "seed for sampling (reproducible outputs)", minimum=0, maximum=SEED_MAX)
     stop: list[str] = opt([], "stop when the output contains this string (repeatable); it is not returned")
 
 

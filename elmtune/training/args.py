@@ -14,7 +14,7 @@ from ..data.encode import TRAIN_ON
 from ..data.formats import FORMATS
 from ..data.templates import FIELD_PRESETS, TEMPLATES
 from ..device import DEVICE_HELP
-from ..options import OptionsError, opt
+from ..options import SEED_MAX, OptionsError, check_ranges, opt
 
 TUTORIAL_TARGETS = ["token_embeddings", "qkv_proj", "out_proj", "proj_1", "proj_2"]
 ATTENTION_CHOICES = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
@@ -29,7 +29,8 @@ class DataOptions:
                                        "string with {instruction} and {input}")
     fields: str = opt("en", f"record fields: {', '.join(FIELD_PRESETS)} (en_instruction/en_input/en_output, "
                             "instruction/input/output) or instruction=KEY,input=KEY,output=KEY")
-    max_length: int = opt(384, "maximum tokens per example (prompt + answer + eos); longer ones are cut")
+    max_length: int = opt(384, "maximum tokens per example (prompt + answer + eos); longer ones are cut",
+                          minimum=2)
     on_bad_record: str = opt("error", "a record with missing/wrong fields or broken JSON: stop with an error, or "
                                       "skip it and count it", choices=("error", "skip"))
     format: str = opt("auto", "record format: auto (each file's from its keys), alpaca (--fields), messages "
@@ -49,9 +50,10 @@ class TrainOptions(DataOptions):
                          "modelscope:org/name), or a preset for random init (openelm-270m, …)")
     output_dir: str = opt("", "where the adapter, checkpoints, metrics and plots go", short="-o")
     # LoRA
-    lora_r: int = opt(32, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with --use-rslora)")
-    lora_dropout: float = opt(0.1, "dropout on the LoRA input")
+    lora_r: int = opt(32, "LoRA rank", minimum=1)
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with --use-rslora)",
+                         minimum=1)
+    lora_dropout: float = opt(0.1, "dropout on the LoRA input", minimum=0, below=1)
     fast_lora_dropout: bool = opt(True, "on CPU, draw LoRA dropout masks from 16-bit random numbers (~2x cheaper "
                                         "than PEFT's; p rounded to a multiple of 1/65536)")
     fused_lora: bool = opt(True, "add the LoRA update to the frozen layer's output in one addmm (PEFT writes, "
@@ -61,16 +63,18 @@ class TrainOptions(DataOptions):
     use_rslora: bool = opt(False, "rank-stabilised LoRA scaling")
     quantize: str = opt("none", "4bit: QLoRA with bitsandbytes (needs a CUDA GPU)", choices=("none", "4bit"))
     # Optimisation
-    epochs: float = opt(3.0, "passes over the training data (ignored when --max-steps is set)")
-    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run --epochs)")
-    batch_size: int = opt(8, "examples per device per micro-batch")
-    grad_accum: int = opt(4, "micro-batches per optimizer step")
-    lr: float = opt(1e-4, "peak learning rate")
+    epochs: float = opt(3.0, "passes over the training data (ignored when --max-steps is set)",
+                         minimum=0, maximum=1_000_000)
+    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run --epochs)", minimum=1,
+                         also=(-1,))
+    batch_size: int = opt(8, "examples per device per micro-batch", minimum=1)
+    grad_accum: int = opt(4, "micro-batches per optimizer step", minimum=1)
+    lr: float = opt(1e-4, "peak learning rate", above=0)
     lr_scheduler: str = opt("linear", "learning-rate schedule",
                             choices=("linear", "cosine", "constant", "constant_with_warmup"))
-    warmup_steps: int = opt(0, "linear warm-up steps")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    warmup_steps: int = opt(0, "linear warm-up steps", minimum=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", minimum=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", minimum=0)
     device: str = opt("auto", f"where to train: {DEVICE_HELP}; under torchrun each process takes its own GPU "
                               "(LOCAL_RANK)")
     precision: str = opt("auto", "auto = bf16 where the device computes it natively (Ampere+ GPUs, CPUs with "
@@ -90,18 +94,21 @@ class TrainOptions(DataOptions):
                                            "flash_attention_2 / flash_attention_3 (CUDA, with the flash-attn "
                                            "package)",
                                    choices=ATTENTION_CHOICES)
-    seed: int = opt(42, "seed for initialisation, data order and dropout")
+    seed: int = opt(42, "seed for initialisation, data order and dropout", minimum=0,
+                    maximum=SEED_MAX)
     distributed: str = opt("ddp", "under torchrun / accelerate launch: ddp (each process a full model), fsdp (shard "
                                   "the frozen base across processes), deepspeed (ZeRO-2; needs deepspeed)",
                            choices=("ddp", "fsdp", "deepspeed"))
     # Validation
-    val_size: float = opt(0.0, "hold out this many examples (≥ 1) or this fraction (< 1) for evaluation")
+    val_size: float = opt(0.0, "hold out this many examples (≥ 1) or this fraction (< 1) for evaluation",
+                           minimum=0)
     val_file: str | None = opt(None, "evaluation data (same formats as --data) instead of a split")
-    eval_steps: int | None = opt(None, "evaluate every N steps (default: every --save-steps) and at the end")
+    eval_steps: int | None = opt(None, "evaluate every N steps (default: every --save-steps) and at the end",
+                                  minimum=1)
     # Outputs
-    save_steps: int = opt(600, "write a resumable checkpoint every N optimizer steps")
-    save_total_limit: int | None = opt(None, "keep only the newest N checkpoints")
-    logging_steps: int = opt(10, "log loss, lr and tokens/s every N steps")
+    save_steps: int = opt(600, "write a resumable checkpoint every N optimizer steps", minimum=1)
+    save_total_limit: int | None = opt(None, "keep only the newest N checkpoints", minimum=1)
+    logging_steps: int = opt(10, "log loss, lr and tokens/s every N steps", minimum=1)
     tensorboard: bool = opt(False, "also write TensorBoard logs (OUTPUT_DIR/tensorboard)")
     resume: str | None = opt(None, "continue from a checkpoint: 'auto' (the newest in OUTPUT_DIR) or its path")
     nan_policy: str = opt("stop", "a NaN/inf loss or gradient: stop before it reaches the weights, or skip that "
@@ -111,12 +118,6 @@ class TrainOptions(DataOptions):
                                "plan and exit (no weights allocated)")
 
     def __post_init__(self):
-        at_least = {"batch_size": 1, "grad_accum": 1, "lora_r": 1, "lora_alpha": 1, "save_steps": 1,
-                    "logging_steps": 1, "max_length": 2, "warmup_steps": 0}
-        for name, low in at_least.items():
-            if getattr(self, name) < low:
-                raise OptionsError(f"option {name!r} must be at least {low}, got {getattr(self, name)}")
-        if not 0 <= self.lora_dropout < 1:
-            raise OptionsError(f"option 'lora_dropout' must be in [0, 1), got {self.lora_dropout}")
-        if self.lr <= 0 or (self.max_steps <= 0 and self.epochs <= 0):
-            raise OptionsError("option 'lr' must be positive, and 'epochs' too unless 'max_steps' is set")
+        check_ranges(self)  # the ranges declared above, for options built in Python rather than resolved
+        if self.max_steps == -1 and self.epochs <= 0:
+            raise OptionsError("option 'epochs' must be positive unless 'max_steps' is set")
