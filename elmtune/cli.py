@@ -87,13 +87,13 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _inspect_parser(p: argparse.ArgumentParser) -> None:
-    from .options import add_arguments
+    from .options import add_arguments, bounded
     from .training.args import DataOptions
 
     p.add_argument("--config", "-c", metavar="YAML", help="read these options from a YAML file (e.g. a training "
                                                             "config; keys that are not data options are ignored)")
     add_arguments(p, DataOptions)
-    p.add_argument("--show", type=int, default=3, metavar="N", help="examples to print (default: 3)")
+    p.add_argument("--show", type=bounded(int, 0), default=3, metavar="N", help="examples to print (default: 3)")
     p.add_argument("--output", metavar="FILE.jsonl", help="write every kept example (file, index, input_ids, "
                                                            "attention_mask, labels) to this JSONL file")
 
@@ -101,14 +101,13 @@ def _inspect_parser(p: argparse.ArgumentParser) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     from .data import DataSpec
     from .data.inspect import inspect_data
-    from .options import read_yaml, resolve
+    from .options import resolve
     from .tokenizer import load_tokenizer
     from .training.args import DataOptions, TrainOptions
 
     flags = {k: v for k, v in vars(args).items() if k in DataOptions.__dataclass_fields__}
-    yaml_values = read_yaml(args.config) if args.config else {}
     train_only = set(TrainOptions.__dataclass_fields__) - set(DataOptions.__dataclass_fields__)
-    options = resolve(DataOptions, flags={**{k: v for k, v in yaml_values.items() if k not in train_only}, **flags})
+    options = resolve(DataOptions, yaml_path=args.config, flags=flags, yaml_ignore=train_only)
     if not options.data:
         raise UsageError("no --data given")
     if not options.tokenizer:
@@ -164,7 +163,7 @@ def _sampling(args: argparse.Namespace):
 
 def _generate_parser(p: argparse.ArgumentParser) -> None:
     from .inference import SamplingOptions
-    from .options import add_arguments
+    from .options import add_arguments, bounded
 
     _model_arguments(p)
     p.add_argument("--prompt", "-p", action="append", help="an instruction to answer (repeatable)")
@@ -173,7 +172,7 @@ def _generate_parser(p: argparse.ArgumentParser) -> None:
                                                       "file (records with the training fields, or a 'prompt' key)")
     p.add_argument("--fields", help="record fields for --prompts JSONL (default: the adapter's)")
     p.add_argument("--output", "-o", metavar="FILE.jsonl", help="write results here (default: print them)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: 16)")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=16, help="prompts per batch (default: 16)")
     add_arguments(p, SamplingOptions)
 
 
@@ -210,8 +209,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .inference import complete, load_pipeline, read_metadata
 
     pairs = _prompt_pairs(args, read_metadata(args.adapter))  # bad prompts fail before a model is loaded
+    sampling = _sampling(args)
     pipeline = load_pipeline(args.model, args.adapter, args.tokenizer, args.template, args.dtype, args.device)
-    results = complete(pipeline, [pipeline.render(i, x) for i, x in pairs], _sampling(args), args.batch_size)
+    results = complete(pipeline, [pipeline.render(i, x) for i, x in pairs], sampling, args.batch_size)
     lines = [json.dumps({"index": n, **r.to_dict()}, ensure_ascii=False) for n, r in enumerate(results)]
     if args.output:
         out = Path(args.output)
@@ -237,8 +237,24 @@ def _run_chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession, chat_loop
     from .inference import load_pipeline
 
+    sampling = _sampling(args)  # refused before a model is loaded
     pipeline = load_pipeline(args.model, args.adapter, args.tokenizer, args.template, args.dtype, args.device)
-    return chat_loop(ChatSession(pipeline, _sampling(args)))
+    return chat_loop(ChatSession(pipeline, sampling))
+
+
+def _shard_size(text: str) -> str:
+    """An argparse type for a size such as 2GB, read as huggingface_hub reads it (a number, then KB, MB, GB or TB):
+    checked here, so that a bad one fails before the merge runs rather than when its result is saved."""
+    import math
+
+    text = text.strip()
+    try:
+        size = float(text[:-2]) * {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[text[-2:].upper()]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 500MB or 2GB, got {text!r}") from None
+    if not (math.isfinite(size) and size >= 1):
+        raise argparse.ArgumentTypeError(f"must be a finite size of at least 1 byte, got {text!r}")
+    return text
 
 
 def _merge_parser(p: argparse.ArgumentParser) -> None:
@@ -248,7 +264,8 @@ def _merge_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weight dtype of the merged checkpoint; the merge itself is computed in fp32 "
                         "(default: float32, lossless)")
-    p.add_argument("--max-shard-size", default="2GB", help="shard the safetensors above this size (default: 2GB)")
+    p.add_argument("--max-shard-size", type=_shard_size, default="2GB",
+                   help="shard the safetensors above this size, in KB, MB, GB or TB (default: 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
 
 
@@ -287,12 +304,15 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
+    from .options import bounded
+
     _model_arguments(p)
     p.add_argument("--data", action="append", required=True, help="held-out records (same formats as train)")
     p.add_argument("--fields", help="record fields (default: the adapter's)")
     p.add_argument("--output-dir", "-o", default="eval", help="where eval.json and eval.md go (default: eval)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="generation length for the metrics")
-    p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.add_argument("--max-new-tokens", type=bounded(int, 1), default=128,
+                   help="generation length for the metrics (default: 128)")
+    p.add_argument("--limit", type=bounded(int, 1), metavar="N", help="evaluate only the first N records")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -310,6 +330,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _serve_parser(p: argparse.ArgumentParser) -> None:
+    from .options import bounded
+
     p.add_argument("--model", "-m", help="base model: checkpoint directory, hub id or preset (default: the base "
                                         "recorded with the first adapter)")
     p.add_argument("--adapter", "-a", action="append", default=[], metavar="NAME=PATH",
@@ -317,13 +339,17 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory or id (default: the adapter's copy, then the model's)")
     p.add_argument("--template", help="prompt template override (default: the adapters' training template)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    # 0 ("any free port") is refused: the address printed at start-up would be wrong.
+    p.add_argument("--port", type=bounded(int, 1, 65535), default=8000, help="port, 1-65535 (default: 8000)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every API route "
                                      "(default: $ELMTUNE_API_KEY if set, else no key)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default: 16)")
-    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
-    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
-    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context)")
+    p.add_argument("--max-batch-size", type=bounded(int, 1), default=16, help="requests decoded together (default: 16)")
+    p.add_argument("--max-tokens-limit", type=bounded(int, 1), default=1024,
+                   help="largest max_tokens a request may ask (default: 1024)")
+    p.add_argument("--default-max-tokens", type=bounded(int, 1), default=256,
+                   help="max_tokens when a request gives none (default: 256)")
+    p.add_argument("--max-prompt-tokens", type=bounded(int, 1),
+                   help="longest prompt accepted (default: the model's context)")
     _device_arguments(p)
 
 
