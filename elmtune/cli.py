@@ -80,7 +80,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if "stopped" in summary:
         print(f"stopped by {summary['stopped']}; a checkpoint was saved: continue with the same command plus "
               "--resume auto")
-    print(f"adapter written to {summary['output_dir']} after {summary['global_step']} steps"
+    what = "model" if summary.get("method") == "full" else "adapter"
+    print(f"{what} written to {summary['output_dir']} after {summary['global_step']} steps"
           + (f"; loss {summary['first_loss']:.4f} → {summary['last_loss']:.4f}" if "last_loss" in summary else "")
           + (f"; eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""))
     return 0
@@ -396,7 +397,7 @@ def _run_bench_generate(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "demo": ("the whole pipeline offline in minutes: generated task, tiny OpenELM, LoRA training, accuracy "
              "before/after", _arguments_of("demo", "DemoOptions"), _run_demo),
-    "train": ("LoRA fine-tune an OpenELM model on instruction data", _train_parser, _run_train),
+    "train": ("fine-tune an OpenELM model on instruction data (LoRA, DoRA or full)", _train_parser, _run_train),
     "data inspect": ("show what training will see: rendered examples, supervised tokens, statistics",
                      _inspect_parser, _run_inspect),
     "generate": ("answer one prompt or a file of prompts with a base model (+ adapter), as JSONL",

@@ -57,9 +57,10 @@ def apple_config(config) -> dict:
     return dict(sorted(data.items()))
 
 
-def save_apple_checkpoint(model, directory: Path, max_shard_size: str) -> None:
-    """Safetensors (sharded above ``max_shard_size``, with ``model.safetensors.index.json``) + Apple's config."""
-    model.save_pretrained(directory, max_shard_size=max_shard_size)
+def save_apple_checkpoint(model, directory: Path, max_shard_size: str, state_dict: dict | None = None) -> None:
+    """Safetensors (sharded above ``max_shard_size``, with ``model.safetensors.index.json``) + Apple's config;
+    ``state_dict`` replaces the model's own (e.g. gathered from FSDP shards)."""
+    model.save_pretrained(directory, max_shard_size=max_shard_size, state_dict=state_dict)
     (directory / "config.json").write_text(json.dumps(apple_config(model.config), indent=2) + "\n", encoding="utf-8")
 
 

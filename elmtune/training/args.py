@@ -17,6 +17,7 @@ from ..device import DEVICE_HELP
 from ..options import SEED_MAX, OptionsError, check_ranges, opt
 
 TUTORIAL_TARGETS = ["token_embeddings", "qkv_proj", "out_proj", "proj_1", "proj_2"]
+METHODS = ("lora", "dora", "full")
 ATTENTION_CHOICES = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
@@ -48,7 +49,17 @@ class DataOptions:
 class TrainOptions(DataOptions):
     model: str = opt("", "base model: a checkpoint directory (Apple's layout), a hub id (org/name or "
                          "modelscope:org/name), or a preset for random init (openelm-270m, …)")
-    output_dir: str = opt("", "where the adapter, checkpoints, metrics and plots go", short="-o")
+    output_dir: str = opt("", "where the adapter (or, with --method full, the model), checkpoints, metrics and "
+                              "plots go", short="-o")
+    method: str = opt("lora", "what is trained: lora (low-rank adapters on --lora-targets, the tutorial's), dora "
+                              "(weight-decomposed LoRA) or full (the model's own weights, held in fp32 and trained "
+                              "under bf16/fp16 autocast; the output is a complete model in Apple's layout)",
+                      choices=METHODS)
+    trainable: list[str] = opt([], "with --method full: which parameters train, as fnmatch patterns on parameter "
+                                   "names (e.g. 'transformer.layers.*'; repeat the flag); a pattern starting with "
+                                   "'!' freezes what it matches (e.g. '!transformer.token_embeddings.*', the "
+                                   "embedding shared with the output head). Default: every parameter; each pattern "
+                                   "must match at least one")
     # LoRA
     lora_r: int = opt(32, "LoRA rank", minimum=1)
     lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with --use-rslora)",
@@ -59,7 +70,7 @@ class TrainOptions(DataOptions):
     fused_lora: bool = opt(True, "add the LoRA update to the frozen layer's output in one addmm (PEFT writes, "
                                  "scales and adds it in three passes; same sum, rounded once)")
     lora_targets: list[str] = opt(TUTORIAL_TARGETS, "module names to adapt (repeat the flag; replaces the default)")
-    use_dora: bool = opt(False, "DoRA: weight-decomposed LoRA")
+    use_dora: bool = opt(False, "DoRA: weight-decomposed LoRA (the same as --method dora)")
     use_rslora: bool = opt(False, "rank-stabilised LoRA scaling")
     quantize: str = opt("none", "4bit: QLoRA with bitsandbytes (needs a CUDA GPU)", choices=("none", "4bit"))
     # Optimisation
@@ -121,3 +132,15 @@ class TrainOptions(DataOptions):
         check_ranges(self)  # the ranges declared above, for options built in Python rather than resolved
         if self.max_steps == -1 and self.epochs <= 0:
             raise OptionsError("option 'epochs' must be positive unless 'max_steps' is set")
+        if self.use_dora:  # the older flag, kept as an alias of --method dora
+            if self.method == "full":
+                raise OptionsError("--use-dora means --method dora; it cannot be combined with --method full")
+            self.method = "dora"
+        self.use_dora = self.method == "dora"
+        if self.method == "full":
+            if self.quantize != "none":
+                raise OptionsError("--quantize 4bit trains LoRA adapters on a frozen quantized base; --method full "
+                                   "trains the weights themselves and cannot quantize them")
+        elif self.trainable:
+            raise OptionsError("--trainable chooses the weights --method full trains; LoRA adapts the modules "
+                               "named by --lora-targets")

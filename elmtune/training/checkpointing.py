@@ -16,8 +16,8 @@
 
 The policy recognises a kept projection by the address of its frozen weight (the matmul's weight operand is a
 transposed view of it), so LoRA's own small matmuls are recomputed.  Where weights are copied or replaced — a
-4-bit base, FSDP sharding — nothing would be recognised, and ``full`` is used instead
-(:func:`selective_unsupported`).
+4-bit base, FSDP sharding, the 16-bit autocast copies of a full fine-tune's fp32 weights — nothing would be
+recognised, and ``full`` is used instead (:func:`selective_unsupported`).
 """
 
 from __future__ import annotations
@@ -47,8 +47,17 @@ def kept_projections(model: nn.Module) -> list[nn.Linear]:
             if isinstance(module, nn.Linear) and name.removesuffix(".base_layer").endswith(KEPT_PROJECTIONS)]
 
 
-def selective_unsupported(quantize: str, distributed: str, world_size: int) -> str | None:
-    """Why selective checkpointing would keep nothing in this run (then ``full`` is used), or None."""
+def selective_unsupported(quantize: str, distributed: str, world_size: int, method: str = "lora",
+                          precision: str = "fp32") -> str | None:
+    """Why selective checkpointing would keep nothing in this run (then ``full`` is used), or None.
+
+    Under ``--method full`` the projections' weights are trainable fp32 master weights: in fp32 the matmul still
+    multiplies by (a view of) the weight itself and the policy works; under 16-bit autocast it multiplies by a
+    fresh 16-bit copy, at a new address every time, and nothing would be recognised.
+    """
+    if method == "full" and precision != "fp32":
+        return (f"full fine-tuning in {precision} multiplies by autocast's {precision} copy of each fp32 weight, "
+                "which the policy cannot recognise")
     if quantize != "none":
         return "a quantized base multiplies by a dequantized copy of each weight, which the policy cannot recognise"
     if distributed == "fsdp" and world_size > 1:

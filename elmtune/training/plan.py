@@ -18,8 +18,13 @@ BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 def estimate_memory(config, n_params: int, n_trainable: int, tokens_per_micro_batch: int, precision: str,
-                    checkpointing: str) -> dict:
-    """A rough per-device estimate in bytes: frozen weights, LoRA weights + grads + AdamW states, activations.
+                    checkpointing: str, full: bool = False) -> dict:
+    """A rough per-device estimate in bytes: frozen weights, trainable weights + grads + AdamW states, activations.
+
+    The trainable weights (LoRA's, or with ``full`` the model's own) are fp32 with fp32 gradients and two fp32
+    AdamW moments: 16 bytes each.  Under ``full`` the frozen weights are fp32 too (the whole model is loaded in
+    fp32, see :mod:`elmtune.training.full`), and with 16-bit precision autocast keeps a 16-bit copy of every weight
+    a matmul used until backward (2 bytes per parameter).
 
     ``checkpointing`` is the mode (off, on, full; see :mod:`elmtune.training.checkpointing`): what every layer keeps
     until backward, plus one layer's full activations (the layer being recomputed, or the last one).
@@ -39,27 +44,33 @@ def estimate_memory(config, n_params: int, n_trainable: int, tokens_per_micro_ba
     else:  # full: the layer inputs only
         activations = tokens_per_micro_batch * d * width * layers + per_layer
     logits = tokens_per_micro_batch * config.vocab_size * 4 * 2  # fp32 logits and their gradient
-    parts = {"weights": n_params * width, "lora_and_optimizer": n_trainable * 16, "activations": activations + logits}
+    parts = {"weights": n_params * (4 if full else width), "trainable_grads_adamw": n_trainable * 16,
+             "activations": activations + logits}
+    if full and precision != "fp32":
+        parts["autocast_copies"] = (n_params + n_trainable) * width
     parts["total"] = sum(parts.values())
     return parts
 
 
 def estimate_disk(n_trainable: int, total_steps: int, save_steps: int, save_total_limit: int | None,
-                  done_steps: int = 0) -> tuple[int, str]:
+                  done_steps: int = 0, n_saved: int | None = None) -> tuple[int, str]:
     """Bytes the rest of a run writes to its output directory at most, and how that adds up.
 
-    A checkpoint holds the LoRA weights (fp32) and AdamW's two moments (fp32): 12 bytes per trainable parameter,
-    plus a few small files.  With ``--save-total-limit K`` at most K + 1 exist at once (the new one is complete
-    before the oldest is removed); without it every remaining save stays.  The final adapter adds 4 bytes per
-    trainable parameter and the tokenizer.
+    A checkpoint holds the saved weights (fp32: the LoRA weights, or with ``n_saved`` = all parameters the whole
+    model of a full fine-tune) and AdamW's two moments (fp32) of the trainable ones: 4 bytes per saved and 8 per
+    trainable parameter, plus a few small files.  With ``--save-total-limit K`` at most K + 1 exist at once (the
+    new one is complete before the oldest is removed); without it every remaining save stays.  The final output
+    adds 4 bytes per saved parameter and the tokenizer.
     """
+    n_saved = n_trainable if n_saved is None else n_saved
     slack = 2 << 20
-    checkpoint = 12 * n_trainable + slack
+    checkpoint = 4 * n_saved + 8 * n_trainable + slack
     saves = max(0, total_steps // save_steps - done_steps // save_steps)
     if save_total_limit:
         saves = min(saves, save_total_limit + 1)
-    adapter = 4 * n_trainable + slack
-    return saves * checkpoint + adapter, f"{saves} checkpoint(s) of ~{checkpoint / 2**20:,.1f} MiB + the adapter"
+    final = 4 * n_saved + slack
+    what = "the adapter" if n_saved == n_trainable else "the model"
+    return saves * checkpoint + final, f"{saves} checkpoint(s) of ~{checkpoint / 2**20:,.1f} MiB + {what}"
 
 
 def world() -> tuple[int, int]:
@@ -72,7 +83,7 @@ def lora_config(options: TrainOptions, **extra):
     from peft import LoraConfig
 
     return LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                      target_modules=list(options.lora_targets), use_dora=options.use_dora,
+                      target_modules=list(options.lora_targets), use_dora=options.method == "dora",
                       use_rslora=options.use_rslora, **extra)
 
 
@@ -119,7 +130,7 @@ def decide_checkpointing(options: TrainOptions, config, n_params: int, n_trainab
                          precision: str, device: torch.device | None = None) -> tuple[str, str]:
     """The checkpointing mode (off, on, full) and why: as asked, or for ``auto`` the first of off → on → full
     whose memory estimate fits in 70% of the memory available."""
-    unsupported = selective_unsupported(options.quantize, options.distributed, world()[1])
+    unsupported = selective_unsupported(options.quantize, options.distributed, world()[1], options.method, precision)
     if options.gradient_checkpointing == "on" and unsupported:
         return "full", f"selective asked, but {unsupported}"
     if options.gradient_checkpointing != "auto":
@@ -127,7 +138,8 @@ def decide_checkpointing(options: TrainOptions, config, n_params: int, n_trainab
     tokens = options.batch_size * longest
     have = available_memory(device)
     candidates = ("off",) if unsupported else ("off", "on")
-    needs = {mode: estimate_memory(config, n_params, n_trainable, tokens, precision, mode)["total"]
+    needs = {mode: estimate_memory(config, n_params, n_trainable, tokens, precision, mode,
+                                   options.method == "full")["total"]
              for mode in candidates}
     mode = next((m for m in candidates if needs[m] <= 0.7 * have), "full")
     selective = f"~{needs['on'] / 2**30:.1f} GiB selective" if "on" in needs else f"no selective: {unsupported}"
@@ -136,11 +148,17 @@ def decide_checkpointing(options: TrainOptions, config, n_params: int, n_trainab
 
 
 def count_parameters(config, options: TrainOptions) -> tuple[int, int]:
-    """(trainable, total) parameters of the LoRA model, counted on the meta device (nothing allocated)."""
+    """(trainable, total) parameters of the LoRA model — or under ``--method full`` of the model itself, those
+    ``--trainable`` selects — counted on the meta device (nothing allocated)."""
     from peft import get_peft_model
 
+    from .full import set_trainable
+
     model = build_on_meta(config)
-    counts = get_peft_model(model, lora_config(options)).get_nb_trainable_parameters()
+    if options.method == "full":
+        counts = set_trainable(model, options.trainable)
+    else:
+        counts = get_peft_model(model, lora_config(options)).get_nb_trainable_parameters()
     assert all(p.device.type == "meta" for p in model.parameters())
     return counts
 
@@ -158,15 +176,20 @@ def plan_run(options: TrainOptions) -> dict:
     train_examples, eval_examples, stats = load_data(options, tokenizer, spec)
     trainable, total = count_parameters(config, options)
     steps_per_epoch, steps = count_steps(options, len(train_examples))
-    disk, _ = estimate_disk(trainable, steps, options.save_steps, options.save_total_limit)
+    full = options.method == "full"
+    disk, _ = estimate_disk(trainable, steps, options.save_steps, options.save_total_limit,
+                            n_saved=total if full else None)
     lengths = sorted(len(e.input_ids) for e in train_examples)
     precision = resolve_precision(options.precision, device)
     checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, lengths[-1], precision,
                                               device)
     memory = estimate_memory(config, total - trainable, trainable, options.batch_size * lengths[-1], precision,
-                             checkpointing)
+                             checkpointing, full)
+    available = available_memory(device)
+    fits = memory["total"] <= 0.7 * available
     return {
-        "model": options.model, "device": describe(device, DTYPE_OF[precision]), "precision": precision,
+        "model": options.model, "method": options.method,
+        "device": describe(device, DTYPE_OF[precision]), "precision": precision,
         "parameters_total": total, "parameters_trainable": trainable,
         "trainable_share": round(trainable / total, 6),
         "data": stats.summary(), "train_examples": len(train_examples), "eval_examples": len(eval_examples),
@@ -175,5 +198,9 @@ def plan_run(options: TrainOptions) -> dict:
         "steps_per_epoch": steps_per_epoch, "total_steps": steps,
         "gradient_checkpointing": f"{checkpointing} ({why})",
         "estimated_memory_gib": {k: round(v / 2**30, 2) for k, v in memory.items()},
+        "memory_fits": (f"yes: ~{memory['total'] / 2**30:.1f} GiB of {available / 2**30:.1f} GiB available"
+                        if fits else f"NO: ~{memory['total'] / 2**30:.1f} GiB needed, {available / 2**30:.1f} GiB "
+                        "available here (70% is planned for); use a larger device, FSDP/DeepSpeed across GPUs, a "
+                        "smaller --batch-size or --max-length" + ("" if full else ", or --quantize 4bit")),
         "estimated_disk_gib": round(disk / 2**30, 3),
     }

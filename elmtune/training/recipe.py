@@ -40,6 +40,7 @@ from .args import TrainOptions
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses
 from .dropout import use_fast_dropout
 from .checkpointing import enable_checkpointing
+from .full import set_trainable
 from .fused_lora import use_fused_lora
 from .plan import (count_parameters, count_steps, decide_checkpointing, estimate_disk, lora_config, plan_run,
                    world)
@@ -52,7 +53,10 @@ log = logging.getLogger("elmtune")
 METADATA_FILE = "elmtune.json"
 RUN_FILES = ("config.yaml", "adapter_config.json", "metrics.jsonl", "checkpoints")
 # Everything a run writes (and --overwrite removes); other files in the directory are never touched.
-RUN_OUTPUTS = RUN_FILES + ("adapter_model.safetensors", METADATA_FILE, "loss.png", "tensorboard", "README.md")
+RUN_OUTPUTS = RUN_FILES + ("adapter_model.safetensors", METADATA_FILE, "loss.png", "tensorboard", "README.md",
+                            # --method full: the model in Apple's layout
+                            "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+MODEL_SHARDS = "model-*-of-*.safetensors"  # a sharded full model's weight files
 
 
 class TrainError(ValueError):
@@ -189,6 +193,8 @@ def check_output_dir(options: TrainOptions) -> tuple[Path, RunLock | None]:
         for name in RUN_OUTPUTS:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        for shard in out.glob(MODEL_SHARDS):
+            shard.unlink()
     return out, lock
 
 
@@ -224,11 +230,14 @@ def find_resume_checkpoint(options: TrainOptions, out: Path) -> str | None:
     return str(path)
 
 
-def check_disk(options: TrainOptions, out: Path, n_trainable: int, n_examples: int, resume_from: str | None) -> None:
-    """Before training: the checkpoints and adapter still to be written must fit on the output disk."""
+def check_disk(options: TrainOptions, out: Path, n_trainable: int, n_examples: int, resume_from: str | None,
+               n_total: int | None = None) -> None:
+    """Before training: the checkpoints and adapter (or full model) still to be written must fit on the output
+    disk."""
     done = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
     need, what = estimate_disk(n_trainable, count_steps(options, n_examples)[1], options.save_steps,
-                               options.save_total_limit, done)
+                               options.save_total_limit, done,
+                               n_saved=n_total if options.method == "full" else None)
     check_free_space(out, need, what)
 
 
@@ -268,6 +277,29 @@ def load_data(options: TrainOptions, tokenizer: Tokenizer, spec: DataSpec):
         raise TrainError(f"no usable training examples in {', '.join(options.data)} "
                          f"({stats.dropped_all_masked} dropped with no answer left, {stats.skipped.count} bad)")
     return train_examples, eval_examples, stats
+
+
+def build_model(options: TrainOptions, dtype: torch.dtype, checkpointing: str, device: torch.device | None = None):
+    """The model a run trains: the LoRA/DoRA model (:func:`build_peft_model`), or for ``--method full`` the model
+    itself in fp32 (:func:`build_full_model`)."""
+    if options.method == "full":
+        return build_full_model(options, checkpointing, device)
+    return build_peft_model(options, dtype, checkpointing, device)
+
+
+def build_full_model(options: TrainOptions, checkpointing: str, device: torch.device | None = None):
+    """The model with its own weights trainable (those ``--trainable`` selects), read in fp32 whatever the
+    training precision: fp32 master weights, 16-bit compute under the Trainer's autocast (see
+    :mod:`elmtune.training.full`)."""
+    from ..models.loading import load_model
+
+    on = device if device is not None and device.type != "cpu" else None
+    model = load_model(options.model, dtype=torch.float32, seed=options.seed, device=on,
+                       attn_implementation=options.attn_implementation)
+    model.supervised_logits_only = not options.full_logits
+    set_trainable(model, options.trainable)
+    enable_checkpointing(model, checkpointing)
+    return model
 
 
 def build_peft_model(options: TrainOptions, dtype: torch.dtype, checkpointing: str,
@@ -509,7 +541,7 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
     dtype = DTYPE_OF[precision]
     trainable, total = count_parameters(config, options)
     if world()[0] == 0:
-        check_disk(options, out, trainable, len(train_examples), resume_from)
+        check_disk(options, out, trainable, len(train_examples), resume_from, total)
     # Before the memory plan: under torchrun this starts the process group the ranks agree through.
     args = training_arguments(options, out, precision, bool(eval_examples), device)
     longest = max(len(e.input_ids) for e in train_examples)
@@ -517,7 +549,7 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
                                               device)
     overridden = options.gradient_checkpointing not in ("auto", checkpointing)
     (log.warning if overridden else log.info)("gradient checkpointing %s (%s)", checkpointing, why)
-    model = build_peft_model(options, dtype, checkpointing, device)
+    model = build_model(options, dtype, checkpointing, device)
     run.stop = GracefulStop()
     guard = NonFiniteGuard(options.nan_policy, out / "checkpoints")
     run.trainer = AtomicCheckpointTrainer(
@@ -542,12 +574,16 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
 def finish(run: Run) -> dict:
     """Final evaluation, the adapter, tokenizer and plot; returns the run's summary."""
     trainer, out = run.trainer, run.output_dir
-    summary = {"output_dir": str(out), "global_step": trainer.state.global_step, "data": run.stats.summary()}
+    summary = {"output_dir": str(out), "method": run.options.method, "global_step": trainer.state.global_step,
+               "data": run.stats.summary()}
     if run.eval_examples:
         metrics = trainer.evaluate()
         summary["eval_loss"] = metrics["eval_loss"]
-    if trainer.is_world_process_zero():
+    if run.options.method == "full":
+        save_full_model(run)
+    elif trainer.is_world_process_zero():
         save_atomically(out, lambda staging: (trainer.model.save_pretrained(staging), run.tokenizer.save(staging)))
+    if trainer.is_world_process_zero():
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if train_losses:
@@ -555,6 +591,29 @@ def finish(run: Run) -> dict:
     if run.stop is not None and run.stop.stopped_at is not None:
         summary["stopped"] = f"{run.stop.requested} at step {run.stop.stopped_at}"
     return summary
+
+
+def save_full_model(run: Run, max_shard_size: str = "2GB") -> None:
+    """A full fine-tune's output: the model in Apple's layout (config with Apple's keys, sharded fp32
+    safetensors), the tokenizer and ``elmtune.json`` (recording the method), all moved into the output directory
+    at once (:func:`~.safety.save_atomically`).  Called on every process: under FSDP the weights are gathered
+    from their shards first."""
+    from ..merge import save_apple_checkpoint
+
+    trainer, out = run.trainer, run.output_dir
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
+    if not trainer.is_world_process_zero():
+        return
+    meta_path = out / METADATA_FILE
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    meta.update(method="full", trainable=list(run.options.trainable))
+
+    def write(staging: Path) -> None:
+        save_apple_checkpoint(trainer.model, staging, max_shard_size, state_dict=state_dict)
+        run.tokenizer.save(staging)
+        (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+    save_atomically(out, write)
 
 
 def train(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()) -> dict:

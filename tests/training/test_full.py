@@ -1,0 +1,251 @@
+"""``--method full``: the model's own weights trained (all, or those ``--trainable`` selects), with the same
+recipe as LoRA, and written as a complete checkpoint in Apple's layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from elmtune.options import OptionsError
+from elmtune.training import TrainOptions, finish, setup, train
+from elmtune.training.full import TrainableError, trainable_names
+from tests.helpers import shared_path, tiny_model, tiny_run_inputs
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return tiny_run_inputs(tmp_path_factory.mktemp("full"), 40)
+
+
+def options(inputs, out, **overrides) -> TrainOptions:
+    base_dir, data = inputs
+    base = dict(model=str(base_dir), data=[str(data)], fields="zh", output_dir=str(out), max_length=32,
+                batch_size=4, grad_accum=2, lr=1e-3, max_steps=4, save_steps=2, logging_steps=1, precision="fp32",
+                gradient_checkpointing="off", method="full", device="cpu")
+    return TrainOptions(**{**base, **overrides})
+
+
+def weights(directory) -> dict:
+    files = sorted(directory.glob("model*.safetensors"))
+    assert files, f"no weights in {directory}"
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def test_method_option_and_the_use_dora_alias():
+    assert TrainOptions(use_dora=True).method == "dora"
+    assert TrainOptions(method="dora").use_dora is True
+    assert TrainOptions().method == "lora" and TrainOptions().use_dora is False
+    with pytest.raises(OptionsError, match="--use-dora means --method dora"):
+        TrainOptions(use_dora=True, method="full")
+    with pytest.raises(OptionsError, match="--trainable chooses the weights --method full trains"):
+        TrainOptions(trainable=["transformer.*"])
+    with pytest.raises(OptionsError, match="cannot quantize"):
+        TrainOptions(method="full", quantize="4bit")
+
+
+def test_loss_falls_on_real_alpaca_records_and_stock_loading_reproduces_the_logits(tmp_path):
+    """A tiny OpenELM with Llama-2's vocabulary and tokenizer on real alpaca records."""
+    records = json.loads(shared_path("data", "alpaca-chinese", "alpaca_chinese_part_3.json").read_text())[:16]
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(records, ensure_ascii=False))
+    base_dir = tmp_path / "base"
+    tiny_model(vocab_size=32000).save_pretrained(base_dir)  # Llama-2's vocabulary
+    out = tmp_path / "out"
+    run = setup(TrainOptions(
+        model=str(base_dir), tokenizer=str(shared_path("data", "llama2-tokenizer")),
+        data=[str(data)], output_dir=str(out), method="full", max_steps=12, batch_size=4, grad_accum=1, lr=1e-3,
+        logging_steps=1, max_length=96, precision="fp32", save_steps=100, device="cpu"))
+    try:
+        run.trainer.train()
+        summary = finish(run)
+    finally:
+        run.close()
+    assert summary["method"] == "full"
+    losses = [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert len(losses) == 12
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses  # 3 passes over the same 16 records
+
+    # a complete checkpoint in Apple's layout: Apple's config keys, safetensors, tokenizer, elmtune.json
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["OpenELMForCausalLM"] and config["torch_dtype"] == "float32"
+    assert "dtype" not in config and "_name_or_path" not in config
+    assert (out / "tokenizer.model").is_file() and not (out / "adapter_config.json").exists()
+    meta = json.loads((out / "elmtune.json").read_text())
+    assert meta["method"] == "full" and meta["template"]["name"] == "openelm-sep"
+    assert not (out / ".staging").exists()
+
+    trained = run.model.eval()
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([run.train_examples[0].input_ids[:48]])
+    with torch.no_grad():
+        a, b = trained(ids).logits, loaded(ids).logits
+    assert a.dtype == b.dtype == torch.float32
+    assert (a - b).abs().max() <= 1e-5
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        assert (base(ids).logits - b).abs().max() > 1e-2  # training changed the model
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupt
+
+
+def test_resume_after_an_interruption_is_bitwise_equal(inputs, tmp_path):
+    full = tmp_path / "full"
+    train(options(inputs, full))
+    # the same run, interrupted during step 3 (after its step-2 checkpoint)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(Interrupt):
+        train(options(inputs, interrupted), [StopAt(3)])
+    assert not list(interrupted.glob("model*.safetensors"))
+    assert (interrupted / "checkpoints" / "checkpoint-2" / "model.safetensors").is_file()
+    run = setup(options(inputs, interrupted, resume="auto"))
+    try:
+        assert run.resume_from.endswith("checkpoint-2")
+        run.trainer.train(resume_from_checkpoint=run.resume_from)
+        finish(run)
+    finally:
+        run.close()
+    a, b = weights(full), weights(interrupted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise: RNG and optimizer restored
+
+
+def test_trainable_patterns_freeze_what_they_say(inputs, tmp_path):
+    base_dir, _ = inputs
+    before = weights(base_dir)
+    out = tmp_path / "out"
+    patterns = ["transformer.layers.1.*", "transformer.norm.*", "!transformer.layers.1.attn.*"]
+    summary = train(options(inputs, out, trainable=patterns, max_steps=2))
+    assert summary["global_step"] == 2
+    after = weights(out)
+    assert after.keys() == before.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    expected = {k for k in before if (k.startswith("transformer.layers.1.") and ".attn." not in k)
+                or k.startswith("transformer.norm.")}
+    assert changed == expected, sorted(changed ^ expected)
+    assert "transformer.token_embeddings.weight" not in changed  # the tied embedding / head stays frozen
+
+
+def test_trainable_pattern_semantics_and_errors():
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters()]
+    assert trainable_names(model, []) == names
+    frozen_embedding = trainable_names(model, ["!transformer.token_embeddings.*"])
+    assert frozen_embedding == [n for n in names if n != "transformer.token_embeddings.weight"]
+    assert trainable_names(model, ["*.qkv_proj.weight"]) == [n for n in names if n.endswith("qkv_proj.weight")]
+    with pytest.raises(TrainableError, match="'qkv_proj' matches no parameter"):
+        trainable_names(model, ["qkv_proj"])  # whole names: a bare module name is a typo, not a suffix
+    with pytest.raises(TrainableError, match="every parameter would be frozen"):
+        trainable_names(model, ["!*"])
+
+
+def test_a_pattern_matching_nothing_stops_the_run_before_training(inputs, tmp_path):
+    with pytest.raises(TrainableError, match="matches no parameter"):  # a ValueError: a one-line CLI error
+        setup(options(inputs, tmp_path / "out", trainable=["transformer.layer.*"]))
+
+
+def test_selective_checkpointing_under_full(inputs, tmp_path):
+    """fp32: the policy still finds the (now trainable) projections and gives off's gradients; 16-bit autocast
+    multiplies by copies it cannot recognise, so `on` falls back to `full` (with a warning)."""
+    from elmtune.training.checkpointing import SelectivePolicy, enable_checkpointing, selective_unsupported
+    from elmtune.training.plan import decide_checkpointing
+
+    assert selective_unsupported("none", "ddp", 1, "full", "bf16")
+    assert selective_unsupported("none", "ddp", 1, "full", "fp32") is None
+    opts = options(inputs, tmp_path / "x", gradient_checkpointing="on", precision="bf16")
+    mode, why = decide_checkpointing(opts, tiny_model().config, 0, 10, 32, "bf16")
+    assert mode == "full" and "autocast" in why
+
+    grads = {}
+    ids = torch.randint(3, 90, (1, 24))
+    for mode in ("off", "on"):
+        model = tiny_model().train()
+        enable_checkpointing(model, mode)
+        kept = []
+        if mode == "on":  # count what the policy keeps: it must recognise the projections' matmuls
+            layer = model.transformer.layers[0]
+            policy = layer._gradient_checkpointing_func.keywords["context_fn"]
+            assert isinstance(policy, SelectivePolicy)
+            addresses = {m.weight.data_ptr() for m in policy.projections}
+            kept = [p for p in model.parameters() if p.data_ptr() in addresses]
+            assert len(kept) == 6  # qkv_proj, out_proj, proj_2 of both layers, all trainable
+            assert all(p.requires_grad for p in kept)
+        model(ids, labels=ids).loss.backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name in grads["off"]:
+        assert torch.allclose(grads["off"][name], grads["on"][name], atol=1e-6), name
+
+
+def test_dry_run_counts_every_weight_with_gradients_and_adamw_state(inputs, tmp_path):
+    plan = train(options(inputs, tmp_path / "plan", dry_run=True))
+    lora = train(options(inputs, tmp_path / "plan", dry_run=True, method="lora", lora_r=4))
+    total = sum(p.numel() for p in tiny_model().parameters())
+    assert plan["method"] == "full" and plan["parameters_trainable"] == plan["parameters_total"] == total
+    memory = plan["estimated_memory_gib"]
+    assert memory["trainable_grads_adamw"] == round(16 * total / 2**30, 2)
+    assert memory["weights"] == 0  # nothing frozen
+    assert plan["memory_fits"].startswith("yes")
+    assert plan["estimated_disk_gib"] > lora["estimated_disk_gib"]
+    frozen = train(options(inputs, tmp_path / "plan", dry_run=True, trainable=["!transformer.token_embeddings.*"]))
+    assert frozen["parameters_trainable"] == total - 96 * 64
+
+
+def test_estimates_for_full_training():
+    from elmtune.training.plan import estimate_disk, estimate_memory
+
+    config = tiny_model().config
+    full = estimate_memory(config, 0, 1_000_000, 64, "bf16", "full", full=True)
+    assert full["trainable_grads_adamw"] == 16_000_000 and full["autocast_copies"] == 2_000_000
+    half_frozen = estimate_memory(config, 500_000, 500_000, 64, "bf16", "full", full=True)
+    assert half_frozen["weights"] == 4 * 500_000  # frozen weights are fp32 too
+    need, what = estimate_disk(500_000, 10, 5, None, n_saved=1_000_000)
+    slack = 2 << 20
+    assert need == 2 * (4 * 1_000_000 + 8 * 500_000 + slack) + 4 * 1_000_000 + slack and "the model" in what
+
+
+@pytest.mark.slow  # ~40 s: three processes start and import torch
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_two_ranks_equal_one_process_with_the_same_global_batch(inputs, tmp_path):
+    from tests.training.test_distributed import train_cli
+
+    directory = inputs[0].parent
+    train_cli(directory, tmp_path / "single", "--method", "full", "--lr", "1e-3", "--batch-size", "4")
+    ddp = train_cli(directory, tmp_path / "ddp", "--method", "full", "--lr", "1e-3", "--batch-size", "2", nproc=2)
+    assert "model written to" in ddp.stdout
+    a, b = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), (key, (a[key] - b[key]).abs().max())
+    assert json.loads((tmp_path / "ddp" / "elmtune.json").read_text())["world_size"] == 2
+
+
+def test_the_output_loads_like_a_base_model_for_generate_and_export(inputs, tmp_path):
+    import gguf
+
+    from elmtune.export_gguf import export_gguf
+    from elmtune.inference import SamplingOptions, generate, load_pipeline
+
+    out = tmp_path / "out"
+    train(options(inputs, out, max_steps=2))
+    pipeline = load_pipeline(model=str(out), dtype="float32", device="cpu")
+    completions = generate(pipeline, ["say", "say a b"], sampling=SamplingOptions(max_new_tokens=4, temperature=0))
+    assert len(completions) == 2
+    trained = weights(out)
+    net = pipeline.model
+    assert torch.equal(net.transformer.token_embeddings.weight, trained["transformer.token_embeddings.weight"])
+    gguf_path = tmp_path / "model.gguf"
+    export_gguf(str(out), str(gguf_path), "f32", device="cpu")
+    assert len(gguf.GGUFReader(gguf_path).tensors) > 0
