@@ -105,3 +105,57 @@ def train_tiny_adapter(directory: Path, **overrides) -> tuple[Path, Path]:
                    precision="fp32", gradient_checkpointing="off", lora_r=4, lora_alpha=8, lora_dropout=0.0)
     train(TrainOptions(**{**options, **overrides}))
     return model_dir, directory / "adapter"
+
+
+def write_conversations(path: Path, n: int) -> Path:
+    """``n`` multi-turn ``messages`` records, each with a system message and two exchanges, as JSONL."""
+    import json
+
+    words = "a b c d e f g h x y z".split()
+    records = [{"messages": [
+        {"role": "system", "content": "answer " + words[i % 3]},
+        {"role": "user", "content": "say " + " ".join(words[i % 9:i % 9 + 2])},
+        {"role": "assistant", "content": words[(i * 5) % 11]},
+        {"role": "user", "content": "say " + words[(i + 4) % 11]},
+        {"role": "assistant", "content": " ".join(words[(i * 3) % 10:(i * 3) % 10 + 2])}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def train_chat_adapter(directory: Path, **overrides) -> tuple[Path, Path]:
+    """:func:`train_tiny_adapter` on 32 multi-turn conversations with system messages (``directory/chat.jsonl``);
+    returns (base model directory, adapter directory)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = write_conversations(directory / "chat.jsonl", 32)
+    return train_tiny_adapter(directory, **{"data": [str(data)], "max_length": 64, **overrides})
+
+
+#: A chat template in the word tokenizer's vocabulary (unlike openelm's or ChatML's markers): system text after
+#: "z", user turns after "hi", assistant turns after "hello" (the generation prompt) and closed by eos.
+WORD_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ 'z ' + m['content'] + ' ' }}"
+    "{% elif m['role'] == 'user' %}{{ 'hi ' + m['content'] + ' ' }}{% else %}{{ 'hello ' }}{% generation %}"
+    "{{ m['content'] + eos_token }}{% endgeneration %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'hello ' }}{% endif %}"
+)
+
+
+def trained_prefix(adapter: Path, messages: list[dict]) -> list[int]:
+    """The token ids training puts before the last assistant turn of ``messages``: the conversation encoded by
+    the training code (``encode_records``) with the data options the adapter was trained with (its
+    ``config.yaml``) and its own tokenizer, cut where the last supervised run starts."""
+    from elmtune.data import IGNORE_INDEX, DataSpec, EncodeStats, Record
+    from elmtune.data.encode import encode_records
+    from elmtune.options import resolve
+    from elmtune.tokenizer import load_tokenizer
+    from elmtune.training.args import DataOptions, TrainOptions
+
+    train_only = set(TrainOptions.__dataclass_fields__) - set(DataOptions.__dataclass_fields__)
+    options = resolve(DataOptions, yaml_path=Path(adapter) / "config.yaml", yaml_ignore=train_only)
+    spec = DataSpec.from_options(options)
+    [example] = encode_records([Record("conversation", 0, {"messages": messages})], load_tokenizer(str(adapter)),
+                               spec, EncodeStats())
+    labels = example.labels
+    start = max(n for n in range(1, len(labels)) if labels[n] != IGNORE_INDEX and labels[n - 1] == IGNORE_INDEX)
+    return example.input_ids[:start]

@@ -172,7 +172,7 @@ def plan_run(options: TrainOptions) -> dict:
     check_distributed(options, device)
     config = load_config(options.model)
     tokenizer = load_tokenizer(default_tokenizer(options))
-    spec = DataSpec.parse(options.template, options.fields, options.max_length)
+    spec = DataSpec.from_options(options)
     train_examples, eval_examples, stats = load_data(options, tokenizer, spec)
     trainable, total = count_parameters(config, options)
     steps_per_epoch, steps = count_steps(options, len(train_examples))

@@ -6,7 +6,7 @@ LoRA on our native OpenELM.  Everything a run writes lands in ``output_dir``::
     config.yaml                 the resolved options (flags > YAML > defaults)
     adapter_config.json         the PEFT adapter, loadable with stock ``PeftModel.from_pretrained``
     adapter_model.safetensors
-    elmtune.json                template, fields, max length, base model: what inference needs to match training
+    elmtune.json                base model, template, fields, formats, chat template: what inference renders with
     tokenizer.model …           the tokenizer the adapter was trained with
     checkpoints/checkpoint-N/   resumable state (optimizer, scheduler, RNG, data position)
     metrics.jsonl, loss.png     the training / evaluation curves
@@ -440,10 +440,12 @@ def make_collator(tokenizer: Tokenizer, packing: bool = False):
     return DataCollatorForSeq2Seq(tokenizer.hf, padding=True, label_pad_token_id=-100)
 
 
-def metadata(options: TrainOptions, spec: DataSpec, stats: EncodeStats) -> dict:
+def metadata(options: TrainOptions, spec: DataSpec, stats: EncodeStats, tokenizer: Tokenizer) -> dict:
+    """``elmtune.json``: the base model, and everything inference needs to render prompts as training did —
+    the alpaca template and fields, the record formats and the chat template's Jinja source itself."""
     return {"elmtune_version": __version__, "base_model": options.model, "tokenizer": options.tokenizer,
             "template": spec.template.to_dict(), "fields": vars(spec.fields), "max_length": spec.max_length,
-            "data": stats.summary(), "world_size": world()[1]}
+            **spec.adapter_metadata(tokenizer, stats), "data": stats.summary(), "world_size": world()[1]}
 
 
 def distributed_arguments(options: TrainOptions) -> dict:
@@ -530,12 +532,13 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
     config = load_config(options.model)  # fails fast on a wrong --model, before data is read
     resume_from = find_resume_checkpoint(options, out)
     tokenizer = load_tokenizer(default_tokenizer(options))
-    spec = DataSpec.parse(options.template, options.fields, options.max_length)
+    spec = DataSpec.from_options(options)
     train_examples, eval_examples, stats = load_data(options, tokenizer, spec)
     run = Run(options, out, tokenizer, spec, train_examples, eval_examples, stats, resume_from=resume_from, lock=lock)
     if world()[0] == 0:
         write_yaml(options, out / "config.yaml")
-        (out / METADATA_FILE).write_text(json.dumps(metadata(options, spec, stats), indent=2), encoding="utf-8")
+        (out / METADATA_FILE).write_text(json.dumps(metadata(options, spec, stats, tokenizer), indent=2),
+                                         encoding="utf-8")
 
     precision = resolve_precision(options.precision, device)
     dtype = DTYPE_OF[precision]

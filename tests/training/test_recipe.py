@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from elmtune.options import OptionsError, resolve
 from elmtune.training import TrainError, TrainOptions, finish, setup, train
-from tests.helpers import REPO_ROOT, save_tiny_base, shared_path
+from tests.helpers import WORD_CHAT_TEMPLATE, REPO_ROOT, save_tiny_base, shared_path, write_conversations
 
 
 @pytest.fixture
@@ -187,6 +187,39 @@ def test_cli_writes_the_resolved_config_and_refuses_bad_setups(tiny_run, tmp_pat
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["lora_r"] == 2 and written["max_steps"] == 1 and written["lr"] == 1e-4
     assert main(["train", "-c", str(config), "-o", str(out)]) == 2  # holds a run already
+
+
+def test_train_takes_the_data_format_options_and_saves_the_chat_template(tmp_path, capsys):
+    """`elmtune train --format/--chat-template/--train-on` shape the examples (the plan and the run) and land in
+    elmtune.json with the template's Jinja source, which inference reads back."""
+    from elmtune.cli import main
+    from elmtune.data import DataSpec, load_examples
+    from elmtune.data.chat import ChatTemplate, chat_template_for_adapter
+    from elmtune.tokenizer import load_tokenizer
+
+    model_dir = save_tiny_base(tmp_path / "model")
+    data = write_conversations(tmp_path / "chat.jsonl", 16)
+    template = tmp_path / "chat.jinja"
+    template.write_text(WORD_CHAT_TEMPLATE)
+    common = ["--model", str(model_dir), "--data", str(data), "--max-length", "64", "--lora-r", "4",
+              "--batch-size", "4", "--grad-accum", "1", "--precision", "fp32", "--max-steps", "1"]
+    assert main(["train", *common, "-o", str(tmp_path / "forced"), "--format", "text", "--dry-run"]) == 2
+    assert "chat.jsonl: record 0 (line 1): missing field 'text'" in capsys.readouterr().err  # --format: the plan
+    out = tmp_path / "out"
+    assert main(["train", *common, "-o", str(out), "--format", "messages", "--chat-template", str(template),
+                 "--train-on", "last-turn"]) == 0
+    meta = json.loads((out / "elmtune.json").read_text())
+    assert {k: meta[k] for k in ("format", "formats", "train_on")} == {
+        "format": "messages", "formats": {"messages": 16}, "train_on": "last-turn"}
+    assert meta["chat_template"] == {"name": f"file:{template}", "source": WORD_CHAT_TEMPLATE}
+    tok = load_tokenizer(str(out))
+    assert chat_template_for_adapter(meta, tok) == ChatTemplate(f"file:{template}", WORD_CHAT_TEMPLATE)
+    # the run encoded what these options say: last turns only, under that template
+    spec = DataSpec.parse("openelm-sep", "en", 64, "messages", str(template), "last-turn")
+    examples, stats = load_examples([str(data)], tok, spec)
+    assert meta["data"]["supervised_tokens"] == stats.supervised_tokens
+    all_turns = load_examples([str(data)], tok, DataSpec.parse("openelm-sep", "en", 64, "messages", str(template)))
+    assert stats.supervised_tokens < all_turns[1].supervised_tokens
 
 
 @pytest.mark.parametrize("variant", [{"use_dora": True}, {"use_rslora": True}])
