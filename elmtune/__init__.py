@@ -6,6 +6,7 @@ The Python API mirrors the command line::
     elmtune.train(elmtune.TrainOptions(model=..., tokenizer=..., data=[...], output_dir="runs/a"))
     pipe = elmtune.load_pipeline(adapter="runs/a")
     elmtune.generate(pipe, ["Give three tips for staying healthy."])
+    elmtune.complete(pipe, [pipe.chat_prompt([{"role": "user", "content": "Hi"}])])  # the adapter's chat template
     elmtune.merge("runs/a", "merged/"); elmtune.export_gguf("merged/", "model.gguf", "q8_0")
 """
 

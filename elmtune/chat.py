@@ -1,7 +1,9 @@
 """``elmtune chat``: an interactive terminal chat that streams tokens as they are generated.
 
-Each message is rendered with the training template; earlier turns (prompt, answer, eos) stay in the context
-until ``/reset``.  Commands: ``/reset``, ``/set NAME VALUE`` (temperature, top_p, top_k, repetition_penalty,
+The conversation is kept as messages and rendered whole, each turn, with the chat template the adapter was
+trained with (``--chat-template`` overrides; :meth:`elmtune.inference.Prompter.conversation`), so the model
+sees its earlier turns exactly as training showed them.  Commands: ``/system TEXT`` (the system message;
+``/system`` alone removes it), ``/reset``, ``/set NAME VALUE`` (temperature, top_p, top_k, repetition_penalty,
 max_new_tokens, seed), ``/settings``, ``/help``, ``/quit`` (or Ctrl-D).
 """
 
@@ -16,20 +18,31 @@ from transformers import TextIteratorStreamer
 
 from .inference import Pipeline, SamplingOptions, generation_args
 
-HELP = ("commands: /reset (forget the conversation), /set NAME VALUE (temperature, top_p, top_k, "
-        "repetition_penalty, max_new_tokens, seed), /settings, /help, /quit")
+HELP = ("commands: /system TEXT (the system message; /system alone removes it), /reset (forget the "
+        "conversation), /set NAME VALUE (temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed), "
+        "/settings, /help, /quit")
 
 
 class ChatSession:
-    """The conversation state and one streamed reply at a time (usable without a terminal, e.g. in tests)."""
+    """The conversation state and one streamed reply at a time (usable without a terminal, e.g. in tests).
 
-    def __init__(self, pipeline: Pipeline, sampling: SamplingOptions | None = None):
+    ``messages`` holds the turns so far (user and assistant, OpenAI-style), ``system`` the system message;
+    ``prompt_ids`` are the token ids the last reply was generated from."""
+
+    def __init__(self, pipeline: Pipeline, sampling: SamplingOptions | None = None, system: str | None = None):
         self.pipeline = pipeline
         self.sampling = sampling or SamplingOptions()
-        self.history: list[int] = []
+        self.system = system or None
+        self.messages: list[dict] = []
+        self.prompt_ids: list[int] = []
 
     def reset(self) -> None:
-        self.history = []
+        self.messages = []
+
+    def conversation(self, message: str) -> list[dict]:
+        """The whole conversation with ``message`` as the next user turn, the system message first."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, *self.messages, {"role": "user", "content": message}]
 
     def set(self, name: str, value: str) -> str:
         kinds = {f.name: f.type for f in fields(SamplingOptions) if f.name != "stop"}
@@ -40,11 +53,12 @@ class ChatSession:
         return f"{name} = {getattr(self.sampling, name)}"
 
     def reply(self, message: str):
-        """Yield the reply's text piece by piece as it is generated; the turn then joins the history."""
+        """Yield the reply's text piece by piece as it is generated; the exchange then joins the conversation
+        (not when the reply is empty: an empty turn cannot be rendered)."""
         tok, model = self.pipeline.tokenizer, self.pipeline.model
         s = self.sampling
-        head = [tok.bos_id] if tok.bos_id is not None and not self.history else []
-        prompt_ids = self.history + head + tok.encode([self.pipeline.render(message)])[0]
+        conversation = self.conversation(message)
+        prompt_ids = self.pipeline.chat_prompt(conversation).input_ids  # a bad message fails here, before generating
         ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
         config, processors = generation_args(s, tok, torch.zeros(1, dtype=torch.long))
         if s.seed is not None:
@@ -67,9 +81,10 @@ class ChatSession:
         if "error" in result:
             raise result["error"]
         new = result["ids"][0, ids.shape[1]:].tolist()
-        if tok.eos_id not in new:
-            new.append(tok.eos_id)
-        self.history = prompt_ids + new[: new.index(tok.eos_id) + 1]
+        answer = tok.decode(new[: new.index(tok.eos_id)] if tok.eos_id in new else new)
+        self.prompt_ids = prompt_ids
+        if answer.strip():
+            self.messages += [conversation[-1], {"role": "assistant", "content": answer}]
 
 
 def chat_loop(session: ChatSession, read=input, write=sys.stdout.write) -> int:
@@ -83,12 +98,16 @@ def chat_loop(session: ChatSession, read=input, write=sys.stdout.write) -> int:
         if not line:
             continue
         if line.startswith("/"):
-            command, *args = line[1:].split()
+            command, _, rest = line[1:].partition(" ")
+            args = rest.split()
             if command in ("quit", "exit", "q"):
                 return 0
             if command == "reset":
                 session.reset()
                 write("(conversation reset)\n")
+            elif command == "system":
+                session.system = rest.strip() or None
+                write(f"(system message: {session.system})\n" if session.system else "(no system message)\n")
             elif command == "set" and len(args) == 2:
                 try:
                     write(session.set(*args) + "\n")
@@ -100,10 +119,15 @@ def chat_loop(session: ChatSession, read=input, write=sys.stdout.write) -> int:
                 write(HELP + "\n")
             continue
         write("elm> ")
+        turns = len(session.messages)
         try:
             for piece in session.reply(line):
                 write(piece)
                 sys.stdout.flush()
+            if len(session.messages) == turns:
+                write("(an empty reply: this exchange is not kept)")
         except KeyboardInterrupt:
             write(" [interrupted]")
+        except ValueError as error:  # a message the chat template refuses: say so, keep the conversation
+            write(f"[{error}]")
         write("\n")

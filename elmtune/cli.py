@@ -136,14 +136,27 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_arguments(p: argparse.ArgumentParser, adapter: bool = True, dtype: bool = True) -> None:
+def _model_arguments(p: argparse.ArgumentParser, adapter: bool = True, dtype: bool = True,
+                     chat_template: bool = True) -> None:
     p.add_argument("--model", "-m", help="base model: checkpoint directory, hub id or preset (default: the base "
                                         "recorded with the adapter)")
     if adapter:
         p.add_argument("--adapter", "-a", help="an `elmtune train` output directory (or any PEFT adapter)")
     p.add_argument("--tokenizer", help="tokenizer directory or id (default: the adapter's copy, then the model's)")
-    p.add_argument("--template", help="prompt template override (default: the one the adapter was trained with)")
+    _template_arguments(p, "the adapter was", chat_template)
     _device_arguments(p, dtype)
+
+
+def _template_arguments(p: argparse.ArgumentParser, trained: str, chat_template: bool = True) -> None:
+    from .data.chat import TEMPLATE_NAMES
+
+    p.add_argument("--template", help="prompt template override for single instructions (default: the one "
+                                      f"{trained} trained with)")
+    if chat_template:
+        p.add_argument("--chat-template", help="chat template override for conversations (and for single "
+                                               "instructions unless --template is given): "
+                                               f"{', '.join(TEMPLATE_NAMES)}, a Jinja file or a template string "
+                                               f"(default: the one {trained} trained with)")
 
 
 def _device_arguments(p: argparse.ArgumentParser, dtype: bool = True) -> None:
@@ -170,37 +183,44 @@ def _generate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", "-p", action="append", help="an instruction to answer (repeatable)")
     p.add_argument("--input", default="", help="the optional input that goes with a single --prompt")
     p.add_argument("--prompts", metavar="FILE", help="instructions from a .txt file (one per line) or a .jsonl "
-                                                      "file (records with the training fields, or a 'prompt' key)")
+                                                      "file (records with the training fields, a 'prompt' key, or "
+                                                      "a 'messages'/'conversations' conversation to answer)")
     p.add_argument("--fields", help="record fields for --prompts JSONL (default: the adapter's)")
     p.add_argument("--output", "-o", metavar="FILE.jsonl", help="write results here (default: print them)")
     p.add_argument("--batch-size", type=bounded(int, 1), default=16, help="prompts per batch (default: 16)")
     add_arguments(p, SamplingOptions)
 
 
-def _prompt_pairs(args: argparse.Namespace, metadata: dict) -> list[tuple[str, str]]:
+def _prompt_requests(args: argparse.Namespace, metadata: dict) -> list[tuple[str, str] | list[dict]]:
+    """What to generate for: (instruction, input) pairs, and conversations (messages) from --prompts JSONL."""
     from pathlib import Path
 
     from .data import read_records
+    from .data.formats import conversation_of
     from .inference import prompt_fields
 
     if args.input and len(args.prompt or []) != 1:
         raise UsageError("--input goes with exactly one --prompt; for several, use a --prompts JSONL file")
-    pairs = [(text, args.input) for text in args.prompt or []]
+    requests: list = [(text, args.input) for text in args.prompt or []]
     if args.prompts:
         path = Path(args.prompts)
         if path.suffix == ".txt":
-            pairs += [(line, "") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            requests += [(line, "") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         else:
             fields = prompt_fields(metadata, args.fields)
             for record in read_records([str(path)]):
-                if "prompt" in record.values and isinstance(record.values["prompt"], str):
-                    pairs.append((record.values["prompt"], ""))
+                keys = {k for k, v in record.values.items() if v is not None}
+                if keys & {"messages", "conversations"}:
+                    fmt = "messages" if "messages" in keys else "sharegpt"
+                    requests.append(conversation_of(record, fmt, require_assistant_end=False))
+                elif "prompt" in record.values and isinstance(record.values["prompt"], str):
+                    requests.append((record.values["prompt"], ""))
                 else:
                     instruction, input_text, _ = fields.extract(record, with_output=False)
-                    pairs.append((instruction, input_text))
-    if not pairs:
+                    requests.append((instruction, input_text))
+    if not requests:
         raise UsageError("nothing to generate: give --prompt TEXT or --prompts FILE")
-    return pairs
+    return requests
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -209,10 +229,12 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from .inference import complete, load_pipeline, read_metadata
 
-    pairs = _prompt_pairs(args, read_metadata(args.adapter))  # bad prompts fail before a model is loaded
+    requests = _prompt_requests(args, read_metadata(args.adapter))  # bad prompts fail before a model is loaded
     sampling = _sampling(args)
-    pipeline = load_pipeline(args.model, args.adapter, args.tokenizer, args.template, args.dtype, args.device)
-    results = complete(pipeline, [pipeline.render(i, x) for i, x in pairs], sampling, args.batch_size)
+    pipeline = load_pipeline(args.model, args.adapter, args.tokenizer, args.template, args.dtype, args.device,
+                             chat_template=args.chat_template)
+    prompts = [pipeline.chat_prompt(r) if isinstance(r, list) else pipeline.prompt(*r) for r in requests]
+    results = complete(pipeline, prompts, sampling, args.batch_size)
     lines = [json.dumps({"index": n, **r.to_dict()}, ensure_ascii=False) for n, r in enumerate(results)]
     if args.output:
         out = Path(args.output)
@@ -230,6 +252,8 @@ def _chat_parser(p: argparse.ArgumentParser) -> None:
     from .options import add_arguments
 
     _model_arguments(p)
+    p.add_argument("--system", metavar="TEXT", help="a system message leading the conversation (/system in the "
+                                                     "chat changes it)")
     add_arguments(p, SamplingOptions, include={"max_new_tokens", "temperature", "top_p", "top_k",
                                                "repetition_penalty", "seed"})
 
@@ -239,8 +263,9 @@ def _run_chat(args: argparse.Namespace) -> int:
     from .inference import load_pipeline
 
     sampling = _sampling(args)  # refused before a model is loaded
-    pipeline = load_pipeline(args.model, args.adapter, args.tokenizer, args.template, args.dtype, args.device)
-    return chat_loop(ChatSession(pipeline, sampling))
+    pipeline = load_pipeline(args.model, args.adapter, args.tokenizer, args.template, args.dtype, args.device,
+                             chat_template=args.chat_template)
+    return chat_loop(ChatSession(pipeline, sampling, args.system))
 
 
 def _shard_size(text: str) -> str:
@@ -259,7 +284,7 @@ def _shard_size(text: str) -> str:
 
 
 def _merge_parser(p: argparse.ArgumentParser) -> None:
-    _model_arguments(p, adapter=False, dtype=False)  # the merge is computed in fp32 on --device
+    _model_arguments(p, adapter=False, dtype=False, chat_template=False)  # computed in fp32 on --device
     p.add_argument("adapter", help="the adapter directory to merge")
     p.add_argument("--output-dir", "-o", required=True, help="where the standalone model goes")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -322,7 +347,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     if not args.adapter:
         raise UsageError("--adapter is required: eval compares the base model with base + adapter")
     report = run_eval(args.data, args.adapter, args.output_dir, args.model, args.tokenizer, args.template,
-                      args.fields, args.max_new_tokens, args.limit, dtype=args.dtype, device=args.device)
+                      args.fields, args.max_new_tokens, args.limit, dtype=args.dtype, device=args.device,
+                      chat_template=args.chat_template)
     from .evaluate import markdown
 
     print(markdown(report))

@@ -3,6 +3,12 @@
 Per model: loss and perplexity on the answers (teacher-forced, mean over supervised tokens, exactly the
 training objective) and, from plain greedy generations, exact match and ROUGE-L F1 (``rouge-score``).
 Written as ``eval.json`` and ``eval.md``.
+
+The answer of an alpaca record is its output (prompted as training prompted it, :meth:`Prompter.instruction`);
+of a conversation (``messages``, ``sharegpt``), its last assistant turn, prompted with everything before it
+rendered with the adapter's chat template; of a ``completion`` record, the completion after its prompt.  The loss
+is taken on that answer alone (``--train-on last-turn``), so that it measures what the generations are scored
+on.  ``text`` records have no answer and are refused.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import DataSpec, EncodeStats, read_records
+from .data import DataError, DataSpec, EncodeStats, Record, RenderedPrompt, read_records, render_prompt
 from .data.encode import encode_records
-from .inference import Pipeline, SamplingOptions, complete, load_pipeline, prompt_fields
+from .data.formats import CONVERSATION_FORMATS, FormatTracker, completion_of, conversation_of
+from .inference import Pipeline, Prompter, SamplingOptions, complete, load_pipeline, prompt_fields
+
 
 class _RougeTokenizer:
     """Words for Latin text, single characters for CJK (rouge-score's default drops CJK entirely)."""
@@ -56,38 +64,66 @@ def answer_loss(model, examples, pad_id: int, batch_size: int = 16) -> float:
     return total / max(count, 1)
 
 
-def evaluate_model(pipeline: Pipeline, examples, records, max_new_tokens: int, use_adapter: bool) -> dict:
+def evaluate_model(pipeline: Pipeline, examples, prompts: list[RenderedPrompt], references: list[str],
+                   max_new_tokens: int, use_adapter: bool) -> dict:
     model = pipeline.model
     context = model.disable_adapter() if (not use_adapter and hasattr(model, "disable_adapter")) else nullcontext()
     with context:
         loss = answer_loss(model, examples, pipeline.tokenizer.pad_id)
-        prompts = [pipeline.render(i, x) for i, x, _ in records]
         outputs = complete(pipeline, prompts, SamplingOptions(max_new_tokens=max_new_tokens, repetition_penalty=1.0))
     predictions = [o.output.strip() for o in outputs]
-    references = [r[2].strip() for r in records]
+    references = [r.strip() for r in references]
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "exact_match": sum(p == r for p, r in zip(predictions, references)) / len(references),
             "rouge_l": rouge_l(predictions, references), "samples": [
-                {"prompt": p, "reference": r, "prediction": o} for p, r, o in
+                {"prompt": p.text, "reference": r, "prediction": o} for p, r, o in
                 zip(prompts[:5], references[:5], predictions[:5])]}
+
+
+def eval_case(record: Record, fmt: str, spec: DataSpec, prompter: Prompter) -> tuple[Record, RenderedPrompt, str]:
+    """(the record to take the answer loss on, the generation prompt, the reference answer) of a held-out
+    record in format ``fmt``; a record without an answer is a DataError."""
+    if fmt == "alpaca":
+        instruction, input_text, output = spec.fields.extract(record)
+        prompt = prompter.instruction(instruction, input_text, where=record.where)
+        if prompter.instructions_as_chat:  # prompted as a one-turn conversation: its loss taken as one too
+            record = Record(record.source, record.index, {"messages": [
+                {"role": "user", "content": instruction + input_text}, {"role": "assistant", "content": output}]})
+        return record, prompt, output
+    if fmt in CONVERSATION_FORMATS:
+        messages = conversation_of(record, fmt, require_assistant_end=True)
+        if len(messages) < 2:
+            raise DataError(f"{record.where}: the conversation is one assistant turn: nothing to prompt with")
+        prompt = render_prompt(messages[:-1], prompter.tokenizer, prompter.chat_template, where=record.where)
+        return record, prompt, messages[-1]["content"]
+    if fmt == "completion":
+        prompt, completion = completion_of(record)
+        return record, prompter.plain(prompt), completion
+    raise DataError(f"{record.where}: a {fmt} record has no answer to compare with; eval takes alpaca, "
+                    f"messages, sharegpt and completion records")
 
 
 def run_eval(data: list[str], adapter: str, output_dir: str, model: str | None = None, tokenizer: str | None = None,
              template: str | None = None, fields: str | None = None, max_new_tokens: int = 128,
-             limit: int | None = None, dtype: str | torch.dtype = "auto", device: str = "auto") -> dict:
+             limit: int | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
+             chat_template: str | None = None) -> dict:
     pipeline = load_pipeline(model=model, adapter=adapter, tokenizer=tokenizer, template=template, dtype=dtype,
-                             device=device)
-    meta = pipeline.metadata
-    spec = DataSpec(pipeline.template, prompt_fields(meta, fields), int(meta.get("max_length", 384)))
+                             device=device, chat_template=chat_template)
+    meta, prompter = pipeline.metadata, pipeline.prompter
+    spec = DataSpec(prompter.template, prompt_fields(meta, fields), int(meta.get("max_length", 384)),
+                    chat_template=prompter.chat_template, train_on="last-turn")
     raw = list(itertools.islice(read_records(data), limit))  # read once, and only as far as --limit
-    examples = encode_records(raw, pipeline.tokenizer, spec, EncodeStats())
-    by_place = {(r.source, r.index): r for r in raw}  # examples left without an answer are dropped: pair by place
-    records = [spec.fields.extract(by_place[(e.source, e.index)]) for e in examples]
+    formats = FormatTracker()
+    cases = [eval_case(r, formats.format_of(r, spec.fields), spec, prompter) for r in raw]
+    examples = encode_records([record for record, _, _ in cases], pipeline.tokenizer, spec, EncodeStats())
     if not examples:
         raise ValueError(f"no records with an answer to evaluate in {', '.join(data)}")
-    report = {"data": data, "adapter": adapter, "n": len(records),
-              "base": evaluate_model(pipeline, examples, records, max_new_tokens, use_adapter=False),
-              "adapter_model": evaluate_model(pipeline, examples, records, max_new_tokens, use_adapter=True)}
+    by_place = {(r.source, r.index): (p, a) for r, p, a in cases}  # examples left without an answer are dropped
+    prompts = [by_place[(e.source, e.index)][0] for e in examples]
+    references = [by_place[(e.source, e.index)][1] for e in examples]
+    report = {"data": data, "adapter": adapter, "n": len(examples),
+              **{key: evaluate_model(pipeline, examples, prompts, references, max_new_tokens, use_adapter=tuned)
+                 for key, tuned in (("base", False), ("adapter_model", True))}}
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")

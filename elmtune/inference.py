@@ -1,7 +1,8 @@
-"""Loading a base model (+ adapter) for inference, and batched generation with the training template.
+"""Loading a base model (+ adapter) for inference, and batched generation with the training templates.
 
-The adapter directory written by ``elmtune train`` carries ``elmtune.json`` (template, fields, base model) and
-its tokenizer, so inference renders prompts exactly as training did unless told otherwise.
+The adapter directory written by ``elmtune train`` carries ``elmtune.json`` (base model, prompt template,
+fields, the record formats and the chat template's Jinja source) and its tokenizer, so inference renders
+prompts exactly as training did unless told otherwise (:class:`Prompter`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-from .data import Fields, Template
+from .data import ChatTemplate, DataError, Fields, RenderedPrompt, Template, chat_template_for_adapter, render_prompt
+from .data.formats import normalize_messages
 from .options import SEED_MAX, opt
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -38,16 +40,94 @@ class SamplingOptions:
 
 
 @dataclass
+class Prompter:
+    """How one adapter's prompts are rendered: token ids exactly as training put them before an answer.
+
+    ``template`` is the alpaca prompt template (``--template``, else the adapter's, else ``openelm-sep``);
+    ``chat_template`` renders conversations (``--chat-template``, else the one saved with the adapter, else the
+    tokenizer's default: its own ``chat_template``, else ``openelm``).  A single instruction (``generate
+    --prompt``, the tutorial's ``POST /``, an alpaca record in ``eval``) is rendered with the prompt template —
+    the tutorial's path, token for token — unless ``instructions_as_chat``: then it is a one-turn conversation
+    (``instruction + input`` as the user's content) under the chat template.  That is so for an adapter trained
+    on no alpaca records (conversations, say) or when ``--chat-template`` is given without ``--template``; under
+    ``openelm`` both give the same ids."""
+
+    tokenizer: Tokenizer
+    template: Template
+    chat_template: ChatTemplate
+    instructions_as_chat: bool = False
+
+    @classmethod
+    def for_adapter(cls, metadata: dict, tokenizer: Tokenizer, template: "str | Template | None" = None,
+                    chat_template: str | None = None) -> "Prompter":
+        """From an adapter's ``elmtune.json`` (``{}`` for a base model or an adapter from elsewhere) and the
+        ``--template`` / ``--chat-template`` overrides."""
+        if isinstance(template, Template):
+            chosen = template
+        elif template:
+            chosen = Template.parse(template)
+        else:
+            chosen = Template(**metadata["template"]) if "template" in metadata else Template.parse("openelm-sep")
+        formats = metadata.get("formats") or {}
+        as_chat = not template and (bool(chat_template) or (bool(formats) and not formats.get("alpaca")))
+        return cls(tokenizer, chosen, chat_template_for_adapter(metadata, tokenizer, chat_template), as_chat)
+
+    def plain(self, text: str) -> RenderedPrompt:
+        """``[bos] + tokens(text)``: a prompt template's text as the tutorial's path encodes it, or plain text."""
+        head = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
+        return RenderedPrompt(text, head + self.tokenizer.encode([text])[0])
+
+    def instruction(self, instruction: str, input: str = "", where: str = "prompt") -> RenderedPrompt:
+        """The prompt for one instruction (and optional input)."""
+        if self.instructions_as_chat:
+            if not (instruction + input).strip():
+                raise DataError(f"{where}: the instruction is empty (a user turn needs text)")
+            return render_prompt([{"role": "user", "content": instruction + input}], self.tokenizer,
+                                 self.chat_template, where=where)
+        return self.plain(self.template.prompt(instruction, input))
+
+    def conversation(self, messages: list, continue_final_message: bool = True, where: str = "request") \
+            -> RenderedPrompt:
+        """The prompt for the next assistant turn of ``messages`` (OpenAI-style: role and content; ShareGPT keys
+        too), with the chat template; a final assistant message is continued (``continue_final_message``).
+        Where instructions use the prompt template, a conversation that is one user turn (after any system
+        messages) is that instruction, the system texts first and joined with newlines — as before chat
+        templates, and as ``openelm`` renders it.  Bad messages raise :class:`~elmtune.data.DataError` naming
+        ``where``."""
+        normalized = normalize_messages(list(messages), where)
+        *before, last = normalized
+        if (not self.instructions_as_chat and last["role"] == "user"
+                and all(m["role"] == "system" for m in before)):
+            return self.instruction("\n".join(m["content"] for m in normalized))
+        return render_prompt(normalized, self.tokenizer, self.chat_template,
+                             continue_final_message=continue_final_message, where=where)
+
+
+@dataclass
 class Pipeline:
-    """A model ready to generate: base (+ adapter), its tokenizer, and the prompt template to use."""
+    """A model ready to generate: base (+ adapter), its tokenizer, and how prompts are rendered for it."""
 
     model: torch.nn.Module
     tokenizer: Tokenizer
     template: Template
     metadata: dict = field(default_factory=dict)
+    prompter: Prompter | None = None
+
+    def __post_init__(self):
+        if self.prompter is None:
+            self.prompter = Prompter.for_adapter(self.metadata, self.tokenizer, self.template)
 
     def render(self, instruction: str, input: str = "") -> str:
+        """The prompt template's text for an instruction (the tutorial's path; see :meth:`prompt`)."""
         return self.template.prompt(instruction, input)
+
+    def prompt(self, instruction: str, input: str = "") -> RenderedPrompt:
+        """An instruction rendered as training rendered it (:meth:`Prompter.instruction`)."""
+        return self.prompter.instruction(instruction, input)
+
+    def chat_prompt(self, messages: list, continue_final_message: bool = True) -> RenderedPrompt:
+        """A conversation rendered with the adapter's chat template (:meth:`Prompter.conversation`)."""
+        return self.prompter.conversation(messages, continue_final_message)
 
 
 def read_metadata(adapter: str | Path | None) -> dict:
@@ -78,11 +158,13 @@ def _has_tokenizer(directory: Path) -> bool:
 
 def load_pipeline(model: str | None = None, adapter: str | None = None, tokenizer: str | None = None,
                   template: str | None = None, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
-                  adapter_name: str = "default") -> Pipeline:
+                  adapter_name: str = "default", chat_template: str | None = None) -> Pipeline:
     """Base model (a directory, hub id or preset) plus an optional adapter directory.
 
     Without ``model``, the adapter's recorded base model is used; without ``tokenizer``, the adapter's copy,
-    then the model directory's; without ``template``, the adapter's training template (else ``openelm-sep``).
+    then the model directory's; without ``template`` / ``chat_template``, the adapter's training templates —
+    or, with no adapter, those in the model directory's ``elmtune.json`` (an ``elmtune merge`` or ``train
+    --method full`` output) — see :meth:`Prompter.for_adapter`; a bad override fails before the model is loaded.
     ``device`` and ``dtype`` default to the best present (:mod:`elmtune.device`: the GPU in bf16 where it is
     native, …); the weights are loaded in ``dtype`` and then moved, so a 3B model never sits in fp32 on the GPU.
     """
@@ -92,7 +174,8 @@ def load_pipeline(model: str | None = None, adapter: str | None = None, tokenize
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
 
-    metadata = read_metadata(adapter)
+    # the adapter's elmtune.json; without an adapter, the model's own (a merged or fully fine-tuned model has one)
+    metadata = read_metadata(adapter if adapter is not None else model)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise InferenceError(f"--adapter {adapter}: no adapter_config.json here (expected an `elmtune train` "
                              "output directory or a PEFT adapter)")
@@ -103,15 +186,15 @@ def load_pipeline(model: str | None = None, adapter: str | None = None, tokenize
     tokenizer_dir = next((c for c in candidates if c and (tokenizer or _has_tokenizer(Path(c)))), None)
     if tokenizer_dir is None:
         raise InferenceError("no tokenizer found with the adapter or the model; pass --tokenizer")
-    chosen = Template.parse(template) if template else (
-        Template(**metadata["template"]) if "template" in metadata else Template.parse("openelm-sep"))
+    tok = load_tokenizer(tokenizer_dir)
+    prompter = Prompter.for_adapter(metadata, tok, template, chat_template)
     net = load_model(model, dtype=dtype, device=device)
     if adapter is not None:
         from peft import PeftModel
 
         net = PeftModel.from_pretrained(net, adapter, adapter_name=adapter_name)
     net = net.to(device)  # the adapter's weights too
-    return Pipeline(net.eval(), load_tokenizer(tokenizer_dir), chosen, metadata)
+    return Pipeline(net.eval(), tok, prompter.template, metadata, prompter)
 
 
 def generation_args(sampling: SamplingOptions, tok: Tokenizer, pads: torch.Tensor):
@@ -151,19 +234,24 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 @torch.no_grad()
-def complete(pipeline: Pipeline, prompts: list[str], sampling: SamplingOptions | None = None,
+def complete(pipeline: Pipeline, prompts: list[str | RenderedPrompt], sampling: SamplingOptions | None = None,
              batch_size: int = 16, streamer=None) -> list[Completion]:
-    """Generate for already-rendered prompts, in left-padded batches (same greedy output as one at a time)."""
+    """Generate for already-rendered prompts, in left-padded batches (same greedy output as one at a time).
+    A prompt is text (encoded as ``[bos] + tokens``, the tutorial's way) or a :class:`RenderedPrompt`, whose
+    ids are fed as they are."""
     sampling = sampling or SamplingOptions()
     tok, model = pipeline.tokenizer, pipeline.model
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     device = next(model.parameters()).device
     head = [tok.bos_id] if tok.bos_id is not None else []
-    encoded = [head + ids for ids in tok.encode(prompts)]
+    plain = [p for p in prompts if isinstance(p, str)]
+    fresh = iter(tok.encode(plain) if plain else [])
+    encoded = [list(p.input_ids) if isinstance(p, RenderedPrompt) else head + next(fresh) for p in prompts]
+    prompt_texts = [p.text if isinstance(p, RenderedPrompt) else p for p in prompts]
     results: list[Completion] = []
     for start in range(0, len(encoded), batch_size):
-        chunk, texts = encoded[start:start + batch_size], prompts[start:start + batch_size]
+        chunk, texts = encoded[start:start + batch_size], prompt_texts[start:start + batch_size]
         width = max(map(len, chunk))
         pads = torch.tensor([width - len(c) for c in chunk], device=device)
         ids = torch.tensor([[tok.pad_id] * (width - len(c)) + c for c in chunk], device=device)
@@ -183,7 +271,8 @@ def complete(pipeline: Pipeline, prompts: list[str], sampling: SamplingOptions |
 
 def generate(pipeline: Pipeline, instructions: list[str], inputs: list[str] | None = None,
              sampling: SamplingOptions | None = None, batch_size: int = 16) -> list[Completion]:
-    """Render each instruction (and optional input) with the pipeline's template, then :func:`complete`."""
+    """Render each instruction (and optional input) as training did (:meth:`Pipeline.prompt`), then
+    :func:`complete`."""
     inputs = inputs or [""] * len(instructions)
-    prompts = [pipeline.render(i, x) for i, x in zip(instructions, inputs)]
+    prompts = [pipeline.prompt(i, x) for i, x in zip(instructions, inputs)]
     return complete(pipeline, prompts, sampling, batch_size)

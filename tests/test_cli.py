@@ -55,3 +55,37 @@ def test_generate_merge_export_from_the_command_line(tmp_path, capsys):
     assert main(["export", "gguf", str(tmp_path / "merged"), "-o", str(tmp_path / "m.gguf"), "--type", "q8_0"]) == 0
     assert (tmp_path / "m.gguf").stat().st_size > 0
     assert main(["merge", str(adapter), "-o", str(tmp_path / "merged")]) == 2  # not empty, no --overwrite
+
+
+def test_generate_answers_conversations_with_the_adapters_chat_template(tmp_path, capsys):
+    import json
+
+    from elmtune.data import render_prompt
+    from elmtune.tokenizer import load_tokenizer
+    from tests.helpers import WORD_CHAT_TEMPLATE, train_chat_adapter
+
+    _, adapter = train_chat_adapter(tmp_path, chat_template=WORD_CHAT_TEMPLATE)
+    conversation = [{"role": "system", "content": "answer a"}, {"role": "user", "content": "say a b"},
+                    {"role": "assistant", "content": "c"}, {"role": "user", "content": "say d"}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"messages": conversation}) + "\n"
+                       + json.dumps({"conversations": [{"from": "human", "value": "say x"}]}) + "\n"
+                       + json.dumps({"instruction": "say", "input": " y"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "-a", str(adapter), "--prompts", str(prompts), "--fields", "zh", "-o", str(out),
+                 "--max-new-tokens", "3"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["<s>z answer a hi say a b hello c</s>hi say d hello ", "<s>hi say x hello ",
+                                           "<s>hi say y hello "]
+    expected = render_prompt(conversation, load_tokenizer(str(adapter)), WORD_CHAT_TEMPLATE)
+    assert rows[0]["prompt_tokens"] == len(expected.input_ids)
+    capsys.readouterr()
+    assert main(["generate", "-a", str(adapter), "-p", "say", "--chat-template", "chatml", "--max-new-tokens", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"].startswith("<|im_start|>user\nsay<|im_end|>")
+    assert main(["generate", "-a", str(adapter), "-p", "say", "--chat-template", "nope"]) == 2
+    assert main(["generate", "-a", str(adapter), "-p", ""]) == 2  # an empty turn, as in training
+    prompts.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    assert main(["generate", "-a", str(adapter), "--prompts", str(prompts)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("elmtune generate: error:")]
+    assert len(errors) == 3 and "--chat-template 'nope': not a template name" in errors[0]
+    assert "prompt: the instruction is empty" in errors[1] and "unknown role 'robot'" in errors[2]
