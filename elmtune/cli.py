@@ -364,7 +364,7 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", "-a", action="append", default=[], metavar="NAME=PATH",
                    help="serve this adapter under NAME (repeatable); requests pick it with \"model\": NAME")
     p.add_argument("--tokenizer", help="tokenizer directory or id (default: the adapter's copy, then the model's)")
-    p.add_argument("--template", help="prompt template override (default: the adapters' training template)")
+    _template_arguments(p, "each adapter was")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     # 0 ("any free port") is refused: the address printed at start-up would be wrong.
     p.add_argument("--port", type=bounded(int, 1, 65535), default=8000, help="port, 1-65535 (default: 8000)")
@@ -396,7 +396,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     limits = {"max_tokens_limit": args.max_tokens_limit, "default_max_tokens": args.default_max_tokens}
     if args.max_prompt_tokens:
         limits["max_prompt_tokens"] = args.max_prompt_tokens
-    state = build_state(args.model, adapters, args.tokenizer, args.template,
+    state = build_state(args.model, adapters, args.tokenizer, args.template, chat_template=args.chat_template,
                         api_key=args.api_key or os.environ.get("ELMTUNE_API_KEY"),
                         max_batch_size=args.max_batch_size, device=args.device, dtype=args.dtype, **limits)
     print(f"serving {', '.join(state.model_names)} on http://{args.host}:{args.port}/ "

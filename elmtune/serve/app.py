@@ -96,20 +96,26 @@ def _openapi_with_limits(app: FastAPI, state: ServerState) -> dict:
 
 def build_state(model: str | None, adapters: dict[str, str], tokenizer: str | None = None,
                 template: str | None = None, api_key: str | None = None, max_batch_size: int = 16,
-                device: str | None = "auto", dtype: str | None = "auto", **limits) -> ServerState:
+                device: str | None = "auto", dtype: str | None = "auto", chat_template: str | None = None,
+                **limits) -> ServerState:
     """Load the base model once, attach every named adapter (PEFT multi-adapter), start the engine.
 
-    ``device`` and ``dtype`` as for :func:`elmtune.inference.load_pipeline` (auto: the GPU, in the dtype it computes
-    natively; see :mod:`elmtune.device`)."""
-    from ..inference import load_pipeline
+    Each adapter renders prompts with the templates saved with it (``template`` / ``chat_template`` override
+    them for all); the base model with the first adapter's.  ``device`` and ``dtype`` as for
+    :func:`elmtune.inference.load_pipeline` (auto: the GPU, in the dtype it computes natively; see
+    :mod:`elmtune.device`)."""
+    from ..inference import Prompter, load_pipeline, read_metadata
     from .engine import Engine
 
     names = list(adapters)
     pipeline = load_pipeline(model=model, adapter=adapters[names[0]] if names else None, tokenizer=tokenizer,
                              template=template, dtype=dtype, device=device,
-                             adapter_name=names[0] if names else "default")
+                             adapter_name=names[0] if names else "default", chat_template=chat_template)
+    prompters = {None: pipeline.prompter, **({names[0]: pipeline.prompter} if names else {})}
     net = pipeline.model
     for name in names[1:]:
+        prompters[name] = Prompter.for_adapter(read_metadata(adapters[name]), pipeline.tokenizer, template,
+                                               chat_template)
         net.load_adapter(adapters[name], adapter_name=name)
     net.eval()
     limits.setdefault("max_prompt_tokens", net.config.max_context_length)
@@ -118,7 +124,7 @@ def build_state(model: str | None, adapters: dict[str, str], tokenizer: str | No
     base = str(model or pipeline.metadata.get("base_model") or "base")
     base_name = Path(base).name if Path(base).is_dir() else base  # a directory's name, a hub id or a preset
     return ServerState(engine=Engine(net, pipeline.tokenizer, max_batch_size=max_batch_size),
-                       tokenizer=pipeline.tokenizer, template=pipeline.template, base_name=str(base_name),
+                       tokenizer=pipeline.tokenizer, prompters=prompters, base_name=str(base_name),
                        adapters=list(adapters), api_key=api_key, **limits)
 
 

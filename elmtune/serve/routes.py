@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from importlib.resources import files
 
@@ -52,8 +53,11 @@ def _sampling(body: SamplingFields, state: ServerState, prompt_tokens: int) -> S
                     repetition_penalty=body.repetition_penalty, seed=body.seed, stop=list(body.stop or []))
 
 
-def _request(state: ServerState, body: SamplingFields, prompt_ids: list[int]) -> tuple[Request, str]:
+def _request(state: ServerState, body: SamplingFields, encode: Callable[[str | None], list[int]]) \
+        -> tuple[Request, str]:
+    """The engine request for ``body``: its model resolved, then its prompt ids (``encode(adapter)``)."""
     name, adapter = state.resolve_model(body.model)
+    prompt_ids = encode(adapter)
     return Request(prompt_ids, adapter, _sampling(body, state, len(prompt_ids)), asyncio.get_running_loop()), name
 
 
@@ -89,7 +93,7 @@ async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
 @api.post("/v1/completions", response_model=CompletionResponse, responses=STREAMING,
           summary="continue a raw text prompt (OpenAI completions)")
 async def completions(body: CompletionRequest, state: ServerState = Depends(get_state)):
-    request, name = _request(state, body, state.encode_raw(body.prompt))
+    request, name = _request(state, body, lambda _: state.encode_raw(body.prompt))
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
         text, info = await _collect(state, request)
@@ -109,9 +113,9 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
 
 
 @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAMING,
-          summary="answer a conversation with the training template (OpenAI chat completions)")
+          summary="answer a conversation with the chat template the adapter was trained with (OpenAI chat completions)")
 async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(get_state)):
-    request, name = _request(state, body, state.encode_chat(body.messages))
+    request, name = _request(state, body, lambda adapter: state.encode_chat(adapter, body.messages))
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
         text, info = await _collect(state, request)
@@ -138,9 +142,8 @@ async def chat_completions(body: ChatCompletionRequest, state: ServerState = Dep
 
 @api.post("/", response_model=TutorialResponse, summary="the tutorial's API: {prompt} → {response, status, time}")
 async def tutorial(body: TutorialRequest, state: ServerState = Depends(get_state)) -> TutorialResponse:
-    prompt_ids = state.encode_instruction(body.prompt)
     sampling = SamplingFields(max_tokens=body.max_new_tokens, temperature=0.0, repetition_penalty=1.2)
-    request, _ = _request(state, sampling, prompt_ids)
+    request, _ = _request(state, sampling, lambda adapter: state.encode_instruction(adapter, body.prompt))
     text, _ = await _collect(state, request)
     return TutorialResponse(response=text, time=datetime.now().strftime("%Y-%m-%d %H:%M:%S"))
 

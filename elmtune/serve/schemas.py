@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
 # Unknown fields are ignored (OpenAI clients send some by default).
 _LENIENT = ConfigDict(extra="ignore")
@@ -74,10 +74,16 @@ class CompletionRequest(SamplingFields):
         return value[0] if isinstance(value, list) else value
 
 
+def _has_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must hold text: an empty turn cannot be rendered with the chat template")
+    return value
+
+
 class ChatMessage(BaseModel):
     model_config = _LENIENT
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Annotated[str, AfterValidator(_has_text), Field(json_schema_extra={"pattern": r"\S"})]
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -1,4 +1,5 @@
-"""What the routes share: the engine, the tokenizer and template, the served names, limits and the API key."""
+"""What the routes share: the engine, the tokenizer, how each served model renders prompts, the served names,
+limits and the API key."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import dataclass, field
 
 from fastapi import Request as HTTPRequest
 
-from ..data import Template
+from ..data import DataError, Template
+from ..inference import Prompter
 from ..tokenizer import Tokenizer
 from .engine import Engine
 
@@ -29,7 +31,9 @@ class APIError(Exception):
 class ServerState:
     engine: Engine
     tokenizer: Tokenizer
-    template: Template
+    #: adapter name (None: the base model) → how its prompts are rendered: each adapter with the templates it
+    #: was trained with; the base model with the first adapter's (as ``load_pipeline`` loads it)
+    prompters: dict[str | None, Prompter]
     base_name: str
     adapters: list[str] = field(default_factory=list)  # names given at start-up; nothing else is ever loaded
     api_key: str | None = None
@@ -43,6 +47,11 @@ class ServerState:
     def model_names(self) -> list[str]:
         return [self.base_name, *self.adapters]
 
+    @property
+    def template(self) -> Template:
+        """The base model's prompt template."""
+        return self.prompters[None].template
+
     def resolve_model(self, name: str | None) -> tuple[str, str | None]:
         """(served name, adapter or None for the base) for a request's ``model`` field."""
         if name is None:
@@ -54,35 +63,24 @@ class ServerState:
         raise APIError(404, f"the model {name!r} does not exist; GET /v1/models lists: "
                             f"{', '.join(self.model_names)}", param="model", code="model_not_found")
 
-    def _head(self) -> list[int]:
-        return [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
-
     def encode_raw(self, text: str) -> list[int]:
-        return self._head() + self.tokenizer.encode([text])[0]
+        """``/v1/completions``: bos and the text's tokens, no template."""
+        return self.prompters[None].plain(text).input_ids
 
-    def encode_instruction(self, instruction: str) -> list[int]:
-        return self.encode_raw(self.template.prompt(instruction))
+    def encode_instruction(self, adapter: str | None, instruction: str) -> list[int]:
+        """The tutorial's ``POST /``: one instruction, rendered as the adapter's training rendered one."""
+        try:
+            return self.prompters[adapter].instruction(instruction, where="request").input_ids
+        except DataError as error:
+            raise APIError(400, str(error), param="prompt") from None
 
-    def encode_chat(self, messages) -> list[int]:
-        """A conversation as training saw single turns: each user turn rendered with the template, each
-        assistant turn as its answer followed by eos.  System messages lead the next user turn (or, at the end,
-        stand as the instruction themselves); a final assistant message is continued, not closed."""
-        ids, system = self._head(), []
-        for n, message in enumerate(messages):
-            if message.role == "system":
-                system.append(message.content)
-            elif message.role == "user":
-                ids += self.tokenizer.encode([self.template.prompt("\n".join([*system, message.content]))])[0]
-                system = []
-            else:
-                if system:  # system text before an answer: it was the instruction
-                    ids += self.tokenizer.encode([self.template.prompt("\n".join(system))])[0]
-                    system = []
-                closing = [] if n == len(messages) - 1 else [self.tokenizer.eos_id]
-                ids += self.tokenizer.encode([message.content])[0] + closing
-        if system:
-            ids += self.tokenizer.encode([self.template.prompt("\n".join(system))])[0]
-        return ids
+    def encode_chat(self, adapter: str | None, messages) -> list[int]:
+        """A conversation rendered with the adapter's chat template, exactly as training rendered the turns
+        before an answer (:meth:`Prompter.conversation`); a final assistant message is continued."""
+        try:
+            return self.prompters[adapter].conversation([m.model_dump() for m in messages]).input_ids
+        except DataError as error:
+            raise APIError(400, str(error), param="messages") from None
 
 
 def get_state(request: HTTPRequest) -> ServerState:

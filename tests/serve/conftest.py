@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import uvicorn
@@ -60,3 +61,15 @@ def keyed_server(adapters):
     running = start(adapters, api_key="s3cret", max_tokens_limit=64)
     yield running
     running.stop()
+
+
+@contextmanager
+def submitted_prompts(server: RunningServer):
+    """The prompt ids of every request the server hands its engine, in order."""
+    engine, seen = server.state.engine, []
+    submit = engine.submit
+    engine.submit = lambda request: (seen.append(request.prompt_ids), submit(request))[-1]
+    try:
+        yield seen
+    finally:
+        del engine.submit

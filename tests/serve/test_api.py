@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from elmtune.inference import SamplingOptions, complete, load_pipeline
+from tests.serve.conftest import submitted_prompts
 
 
 def client(server, key="unused"):
@@ -76,6 +77,7 @@ def test_stop_and_seed(server):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, 400, "limit of 64"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "../../etc/passwd"}, 404, "does not exist"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    ({"messages": [{"role": "user", "content": " "}]}, 400, "messages.0.content: Value error, must hold text"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
     ({"messages": [{"role": "user", "content": "x " * 3000}]}, 400, "at most"),
@@ -128,6 +130,28 @@ def test_tutorial_endpoint_keeps_its_shape_and_answers_as_local_generation(serve
     with pipeline.model.disable_adapter():
         local = generate(pipeline, ["say"], sampling=SamplingOptions(max_new_tokens=16, repetition_penalty=1.2))
     assert body["response"] == local[0].output
+
+
+def test_alpaca_adapters_keep_their_prompt_ids_bit_for_bit(server):
+    """Adapters trained on alpaca records under openelm-sep: the tutorial's POST / and one-turn chats give the
+    ids they always had (bos + the prompt template's text in one piece), and conversations the ids the old
+    turn-by-turn rendering gave, which the openelm chat template reproduces."""
+    tok = server.state.tokenizer
+    bos, eos = [tok.bos_id], tok.eos_id
+
+    def ids(text):
+        return tok.encode([text])[0]
+
+    conversations = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "say"}],
+                     [{"role": "user", "content": "say"}, {"role": "assistant", "content": "a"},
+                      {"role": "user", "content": "say b"}],
+                     [{"role": "user", "content": "say"}, {"role": "assistant", "content": "a b"}]]  # continued
+    with submitted_prompts(server) as seen:
+        assert httpx.post(server.url + "/", json={"prompt": "say a", "max_new_tokens": 2}).status_code == 200
+        for messages in conversations:
+            client(server).chat.completions.create(model="alpha", messages=messages, max_tokens=2, temperature=0)
+    assert seen == [bos + ids("say a<sep>"), bos + ids("be brief\nsay<sep>"),
+                    bos + ids("say<sep>") + ids("a") + [eos] + ids("say b<sep>"), bos + ids("say<sep>") + ids("a b")]
 
 
 def test_health_and_chat_page(server):

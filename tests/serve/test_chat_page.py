@@ -42,3 +42,30 @@ def test_chat_page_streams_a_reply(server):
         page.screenshot(path=str(ARTIFACTS / "chat-page.png"))
         browser.close()
     assert (ARTIFACTS / "chat-page.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium); .ci/run installs it")
+def test_chat_page_sends_the_system_message_and_the_whole_conversation(server):
+    from tests.serve.conftest import submitted_prompts
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p, submitted_prompts(server) as seen:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless=new", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+        page.select_option("#model", "alpha")
+        page.fill("#max_tokens", "6")
+        page.fill("#system", "answer")
+        for n, text in enumerate(["say a", "say b"], 1):
+            page.fill("#text", text)
+            page.press("#text", "Enter")
+            page.wait_for_function(f"document.querySelectorAll('.msg.assistant[data-state=done]').length === {n}")
+        first = page.text_content(".msg.assistant")
+        browser.close()
+    assert first.strip() and "empty reply" not in first
+    system = {"role": "system", "content": "answer"}
+    conversation = [system, {"role": "user", "content": "say a"}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "say b"}]
+    prompter = server.state.prompters["alpha"]
+    assert seen == [prompter.conversation(conversation[:2]).input_ids, prompter.conversation(conversation).input_ids]
