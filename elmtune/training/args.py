@@ -76,8 +76,8 @@ class TrainOptions(DataOptions):
     # Optimisation
     epochs: float = opt(3.0, "passes over the training data (ignored when --max-steps is set)",
                          minimum=0, maximum=1_000_000)
-    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run --epochs)", minimum=1,
-                         also=(-1,))
+    max_steps: int = opt(-1, "stop after this many optimizer steps (-1 or 0: run --epochs)", minimum=1,
+                         also=(-1, 0))
     batch_size: int = opt(8, "examples per device per micro-batch", minimum=1)
     grad_accum: int = opt(4, "micro-batches per optimizer step", minimum=1)
     lr: float = opt(1e-4, "peak learning rate", above=0)
@@ -114,8 +114,8 @@ class TrainOptions(DataOptions):
     val_size: float = opt(0.0, "hold out this many examples (≥ 1) or this fraction (< 1) for evaluation",
                            minimum=0)
     val_file: str | None = opt(None, "evaluation data (same formats as --data) instead of a split")
-    eval_steps: int | None = opt(None, "evaluate every N steps (default: every --save-steps) and at the end",
-                                  minimum=1)
+    eval_steps: int | None = opt(None, "evaluate every N steps (default or 0: every --save-steps) and at the end",
+                                  minimum=1, also=(0,))
     # Outputs
     save_steps: int = opt(600, "write a resumable checkpoint every N optimizer steps", minimum=1)
     save_total_limit: int | None = opt(None, "keep only the newest N checkpoints", minimum=1)
@@ -130,13 +130,15 @@ class TrainOptions(DataOptions):
 
     def __post_init__(self):
         check_ranges(self)  # the ranges declared above, for options built in Python rather than resolved
-        if self.max_steps == -1 and self.epochs <= 0:
+        if self.max_steps <= 0 and self.epochs <= 0:
             raise OptionsError("option 'epochs' must be positive unless 'max_steps' is set")
         if self.use_dora:  # the older flag, kept as an alias of --method dora
             if self.method == "full":
                 raise OptionsError("--use-dora means --method dora; it cannot be combined with --method full")
             self.method = "dora"
-        self.use_dora = self.method == "dora"
+        # An input alias only: written back as false, so that a saved config.yaml read with --config or --resume
+        # cannot turn a --method given on the command line back into dora.
+        self.use_dora = False
         if self.method == "full":
             if self.quantize != "none":
                 raise OptionsError("--quantize 4bit trains LoRA adapters on a frozen quantized base; --method full "

@@ -443,8 +443,8 @@ def make_collator(tokenizer: Tokenizer, packing: bool = False):
 def metadata(options: TrainOptions, spec: DataSpec, stats: EncodeStats, tokenizer: Tokenizer) -> dict:
     """``elmtune.json``: the base model, and everything inference needs to render prompts as training did —
     the alpaca template and fields, the record formats and the chat template's Jinja source itself."""
-    return {"elmtune_version": __version__, "base_model": options.model, "tokenizer": options.tokenizer,
-            "template": spec.template.to_dict(), "fields": vars(spec.fields), "max_length": spec.max_length,
+    return {"elmtune_version": __version__, "base_model": options.model, "method": options.method,
+            "tokenizer": options.tokenizer, "template": spec.template.to_dict(), "fields": vars(spec.fields), "max_length": spec.max_length,
             **spec.adapter_metadata(tokenizer, stats), "data": stats.summary(), "world_size": world()[1]}
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from elmtune.options import OptionsError
+from elmtune.options import OptionsError, resolve, write_yaml
 from elmtune.training import TrainOptions, finish, setup, train
 from elmtune.training.full import TrainableError, trainable_names
 from tests.helpers import shared_path, tiny_model, tiny_run_inputs
@@ -35,9 +35,9 @@ def weights(directory) -> dict:
     return {k: v for f in files for k, v in load_file(f).items()}
 
 
-def test_method_option_and_the_use_dora_alias():
+def test_method_option_and_the_use_dora_alias(tmp_path):
     assert TrainOptions(use_dora=True).method == "dora"
-    assert TrainOptions(method="dora").use_dora is True
+    assert TrainOptions(method="dora").use_dora is False  # an input alias: method says it
     assert TrainOptions().method == "lora" and TrainOptions().use_dora is False
     with pytest.raises(OptionsError, match="--use-dora means --method dora"):
         TrainOptions(use_dora=True, method="full")
@@ -45,6 +45,11 @@ def test_method_option_and_the_use_dora_alias():
         TrainOptions(trainable=["transformer.*"])
     with pytest.raises(OptionsError, match="cannot quantize"):
         TrainOptions(method="full", quantize="4bit")
+    # a dora run's saved config.yaml, read back with --config: a --method flag still wins over the file
+    write_yaml(TrainOptions(use_dora=True), tmp_path / "config.yaml")
+    for method in ("lora", "full"):
+        assert resolve(TrainOptions, yaml_path=tmp_path / "config.yaml", flags={"method": method}).method == method
+    assert resolve(TrainOptions, yaml_path=tmp_path / "config.yaml").method == "dora"
 
 
 def test_loss_falls_on_real_alpaca_records_and_stock_loading_reproduces_the_logits(tmp_path):
