@@ -159,3 +159,19 @@ def trained_prefix(adapter: Path, messages: list[dict]) -> list[int]:
     labels = example.labels
     start = max(n for n in range(1, len(labels)) if labels[n] != IGNORE_INDEX and labels[n - 1] == IGNORE_INDEX)
     return example.input_ids[:start]
+
+
+class Interrupt(Exception):
+    """Raised by :class:`StopAt`: a run "interrupted" after a given step."""
+
+
+def stop_at(step: int):
+    """A Trainer callback that interrupts training (raises :class:`Interrupt`) after optimizer step ``step``."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise Interrupt
+
+    return StopAt()

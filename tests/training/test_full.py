@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM
 
 from elmtune.options import OptionsError, resolve, write_yaml
 from elmtune.training import TrainOptions, finish, setup, train
 from elmtune.training.full import TrainableError, trainable_names
-from tests.helpers import shared_path, tiny_model, tiny_run_inputs
+from tests.helpers import Interrupt, shared_path, stop_at, tiny_model, tiny_run_inputs
 
 
 @pytest.fixture(scope="module")
@@ -95,26 +95,13 @@ def test_loss_falls_on_real_alpaca_records_and_stock_loading_reproduces_the_logi
         assert (base(ids).logits - b).abs().max() > 1e-2  # training changed the model
 
 
-class Interrupt(Exception):
-    pass
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupt
-
-
 def test_resume_after_an_interruption_is_bitwise_equal(inputs, tmp_path):
     full = tmp_path / "full"
     train(options(inputs, full))
     # the same run, interrupted during step 3 (after its step-2 checkpoint)
     interrupted = tmp_path / "interrupted"
     with pytest.raises(Interrupt):
-        train(options(inputs, interrupted), [StopAt(3)])
+        train(options(inputs, interrupted), [stop_at(3)])
     assert not list(interrupted.glob("model*.safetensors"))
     assert (interrupted / "checkpoints" / "checkpoint-2" / "model.safetensors").is_file()
     run = setup(options(inputs, interrupted, resume="auto"))

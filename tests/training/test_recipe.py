@@ -10,11 +10,12 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM
 
 from elmtune.options import OptionsError, resolve
 from elmtune.training import TrainError, TrainOptions, finish, setup, train
-from tests.helpers import WORD_CHAT_TEMPLATE, REPO_ROOT, save_tiny_base, shared_path, write_conversations
+from tests.helpers import (WORD_CHAT_TEMPLATE, REPO_ROOT, Interrupt, save_tiny_base, shared_path, stop_at,
+                           write_conversations)
 
 
 @pytest.fixture
@@ -82,19 +83,6 @@ def test_outputs_and_stock_peft_loading(tiny_run, tmp_path):
     assert (adapted - plain).abs().max() > 1e-3
 
 
-class Interrupt(Exception):
-    pass
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupt
-
-
 def run_recording_batches(opts, callbacks=()):
     """train() with the micro-batches each optimizer step saw recorded (by wrapping the collator)."""
     run = setup(opts, callbacks)
@@ -115,7 +103,7 @@ def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path):
     model_dir, data = tiny_run
     _, full_batches, _ = run_recording_batches(options(model_dir, data, tmp_path / "full"))
     interrupted = tmp_path / "interrupted"
-    _, first_batches, _ = run_recording_batches(options(model_dir, data, interrupted), [StopAt(3)])
+    _, first_batches, _ = run_recording_batches(options(model_dir, data, interrupted), [stop_at(3)])
     assert (interrupted / "checkpoints" / "checkpoint-2").is_dir()
     with pytest.raises(TrainError, match="already holds a run"):
         setup(options(model_dir, data, interrupted))
