@@ -45,6 +45,13 @@ class SkipLog:
             self.examples.append(reason)
 
 
+def refuse_or_skip(reason: str, skips: SkipLog | None) -> None:
+    """A bad record: a :class:`DataError` (``skips`` is None: on_bad_record=error), else counted as skipped."""
+    if skips is None:
+        raise DataError(reason)
+    skips.add(reason)
+
+
 def _natural_key(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
@@ -91,10 +98,8 @@ def _read_json_array(path: Path, skips: SkipLog | None) -> Iterator[Record]:
         raise DataError(f"{path}: expected a JSON array of records, found {type(data).__name__}")
     for index, values in enumerate(data):
         if not isinstance(values, dict):
-            reason = f"{path}: record {index}: expected an object with fields, got {type(values).__name__}"
-            if skips is None:
-                raise DataError(reason)
-            skips.add(reason)
+            refuse_or_skip(f"{path}: record {index}: expected an object with fields, got {type(values).__name__}",
+                           skips)
             continue
         yield Record(str(path), index, values)
 
@@ -113,10 +118,7 @@ def _read_jsonl(path: Path, skips: SkipLog | None) -> Iterator[Record]:
         except _DuplicateKey as e:
             problem = f"the key {e.args[0]!r} appears twice"
         if problem:
-            reason = f"{path}: line {number}: {problem}"
-            if skips is None:
-                raise DataError(reason)
-            skips.add(reason)
+            refuse_or_skip(f"{path}: line {number}: {problem}", skips)
             index += 1
             continue
         yield Record(str(path), index, values, line=number)
@@ -186,10 +188,7 @@ def _read_csv(path: Path, skips: SkipLog | None) -> Iterator[Record]:
                     except json.JSONDecodeError as e:
                         problem = f"column {column!r}: invalid JSON at column {e.colno}: {e.msg}"
         if problem:
-            reason = f"{path}: record {index} (line {start}): {problem}"
-            if skips is None:
-                raise DataError(reason)
-            skips.add(reason)
+            refuse_or_skip(f"{path}: record {index} (line {start}): {problem}", skips)
         else:
             yield Record(str(path), index, values, line=start)
         index += 1
