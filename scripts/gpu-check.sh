@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot check of elmtune's GPU path: the `gpu` tests, `bench train` on openelm-3b (with MFU) and
-# `bench generate`, then a summary. Sized for under 8 minutes on one H200.
+# `bench generate`, then a summary. Aimed at under 8 minutes on one H200 (an estimate: not yet run on a GPU; the step limits total 17 min).
 #
 #   bash scripts/gpu-check.sh --prepare   # here, online: wheels for an offline GPU host + the data it needs
 #   bash scripts/gpu-check.sh             # on the GPU host (CUDA torch already installed there)
