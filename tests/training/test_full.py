@@ -241,3 +241,39 @@ def test_the_output_loads_like_a_base_model_for_generate_and_export(inputs, tmp_
     gguf_path = tmp_path / "model.gguf"
     export_gguf(str(out), str(gguf_path), "f32", device="cpu")
     assert len(gguf.GGUFReader(gguf_path).tensors) > 0
+
+
+@pytest.mark.slow  # three `elmtune train` processes: ~50 s of CPU time (100 s wall on a busy 2-core machine)
+def test_sigkill_then_resume_gives_the_bitwise_same_model(inputs, tmp_path):
+    """A real `elmtune train --method full` process killed with SIGKILL after its step-10 checkpoint, then
+    `--resume auto`: every weight equal, bit for bit, to the uninterrupted run's."""
+    import signal
+    import subprocess
+
+    from elmtune.training.safety import MANIFEST
+    from tests.helpers import REPO_ROOT
+    from tests.training.test_safety import command, wait_for
+
+    def full_run(out, *extra):
+        return command(inputs, out, "--method", "full", "--lr", "1e-3", "--max-steps", "30", *extra)
+
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    subprocess.run(full_run(tmp_path / "full"), check=True, capture_output=True, cwd=REPO_ROOT, env=env)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(full_run(killed), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for(killed / "checkpoints" / "checkpoint-10" / MANIFEST, process)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not list(killed.glob("model*.safetensors"))  # killed before the end: no model written
+    resumed = subprocess.run(full_run(killed, "--resume", "auto"), capture_output=True, text=True, cwd=REPO_ROOT,
+                             env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "model written to" in resumed.stdout and "after 30 steps" in resumed.stdout
+    logged = [m["step"] for m in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert logged.count(5) == 1 and logged.count(30) == 1, logged  # resumed from a checkpoint, not started over
+    a, b = weights(tmp_path / "full"), weights(killed)
+    assert a.keys() == b.keys() and len(a) > 10
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    base = weights(inputs[0])
+    assert not torch.equal(a["transformer.token_embeddings.weight"], base["transformer.token_embeddings.weight"])
