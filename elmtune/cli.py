@@ -329,6 +329,52 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_mlx_parser(p: argparse.ArgumentParser) -> None:
+    from .options import bounded
+
+    p.add_argument("source", help="an adapter directory (`elmtune train` output), or a merged, fully fine-tuned or "
+                                  "base model (directory or hub id)")
+    p.add_argument("--output-dir", "-o", required=True, help="where the mlx-lm files go")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write an mlx-lm adapter (adapters.safetensors + adapter_config.json) for "
+                        "`mlx_lm.generate --model BASE --adapter-path DIR` instead of a fused model")
+    p.add_argument("--base-output", metavar="DIR", help="with --adapter-only: also write the base model here, with "
+                                                        "the adapter's tokenizer and prompt templates, as the BASE "
+                                                        "for mlx-lm")
+    p.add_argument("--model", "-m", help="the adapter's base model (default: the one recorded with the adapter)")
+    p.add_argument("--tokenizer", help="tokenizer directory or id (default: the adapter's copy, then the model's)")
+    _template_arguments(p, "the adapter was")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weight dtype of a model written (the adapter is folded in fp32 first; default: float32)")
+    p.add_argument("--q-bits", type=int, choices=(4, 8), help="quantise the model written with mlx-lm's own "
+                                                              "quantisation (needs mlx and mlx-lm installed)")
+    p.add_argument("--q-group-size", type=bounded(int, 1), default=64, help="quantisation group size: 32, 64 or "
+                                                                           "128 (default: 64)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--device", default="auto", help="where the adapter is folded in: cuda, cuda:N, mps or cpu "
+                                                    "(default: auto)")
+
+
+def _run_export_mlx(args: argparse.Namespace) -> int:
+    from .export_mlx import INSTALL_HINT, export_mlx, run_commands
+
+    result = export_mlx(args.source, args.output_dir, adapter_only=args.adapter_only, base_output=args.base_output,
+                        model=args.model, tokenizer=args.tokenizer, template=args.template,
+                        chat_template=args.chat_template, dtype=args.dtype, q_bits=args.q_bits,
+                        q_group_size=args.q_group_size, overwrite=args.overwrite, device=args.device)
+    what = {"adapter": "mlx-lm adapter", "fused": "fused mlx-lm model", "model": "mlx-lm model"}[result["kind"]]
+    print(f"{what} written to {result['output_dir']}"
+          + (f" (base model in {result['base_output']})" if result.get("base_output") else "")
+          + ("; the embedding was adapted, so the output head is untied" if result.get("untied_head") else "")
+          + (f"; quantised to {result['quantization']['bits']} bits" if "quantization" in result else ""))
+    if not result["mlx_installed"]:
+        print(f"mlx is not installed here; on a Mac: {INSTALL_HINT.split('  ')[0]}")
+    print("run it with:")
+    for command in run_commands(result):
+        print(f"  {command}")
+    return 0
+
+
 def _eval_parser(p: argparse.ArgumentParser) -> None:
     from .options import bounded
 
@@ -435,6 +481,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
               _serve_parser, _run_serve),
     "merge": ("fold an adapter into its base: a standalone checkpoint in Apple's layout", _merge_parser, _run_merge),
     "export gguf": ("write a merged or base model as GGUF for llama.cpp / Ollama", _export_parser, _run_export),
+    "export mlx": ("write an adapter or a model for mlx-lm on Apple silicon (adapter, fused or quantised)",
+                   _export_mlx_parser, _run_export_mlx),
     "bench train": ("measure training speed, memory and MFU: the tutorial's path vs elmtune's, same data",
                     _arguments_of("bench", "BenchTrainOptions"), _run_bench_train),
     "bench generate": ("measure decoding tokens/s with the KV cache, batch 1 and 8",
