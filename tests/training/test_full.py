@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from elmtune.options import OptionsError, resolve, write_yaml
 from elmtune.training import TrainOptions, finish, setup, train
 from elmtune.training.full import TrainableError, trainable_names
-from tests.helpers import Interrupt, shared_path, stop_at, tiny_model, tiny_run_inputs
+from tests.helpers import Interrupt, shared_path, stop_at, tiny_model, tiny_run_inputs, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +277,96 @@ def test_sigkill_then_resume_gives_the_bitwise_same_model(inputs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     base = weights(inputs[0])
     assert not torch.equal(a["transformer.token_embeddings.weight"], base["transformer.token_embeddings.weight"])
+
+
+# --------------------------------------------------------------------------- chat, eval and serve on a full output
+# Each loads the output directory as a base model (no adapter) and must give the greedy tokens of the trained
+# model loaded with stock AutoModelForCausalLM, from the prompt ids training put before an answer.
+
+@pytest.fixture(scope="module")
+def full_output(inputs, tmp_path_factory):
+    """A tiny full fine-tune (2 steps) of a base whose vocabulary is the word tokenizer's (every generated id
+    decodes to a word: text comparisons are exact); barely trained, so greedy answers run the full length."""
+    directory = tmp_path_factory.mktemp("full-out")
+    base = directory / "base"
+    tiny_model(vocab_size=48).save_pretrained(base)
+    word_tokenizer().save(base)
+    train(options((base, inputs[1]), directory / "out", max_steps=2))
+    return directory / "out"
+
+
+def stock_greedy(out, prompt_ids: list[int], max_new_tokens: int, repetition_penalty: float = 1.0) -> list[int]:
+    """The greedy continuation of ``prompt_ids`` by stock transformers, cut at eos."""
+    from elmtune.tokenizer import load_tokenizer
+
+    eos = load_tokenizer(str(out)).eos_id
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                             repetition_penalty=repetition_penalty, eos_token_id=eos, pad_token_id=eos,
+                             top_k=None, top_p=None, temperature=None)[0, len(prompt_ids):].tolist()
+    return new[: new.index(eos)] if eos in new else new
+
+
+def test_elmtune_chat_on_a_full_output_answers_as_stock_transformers(full_output, monkeypatch):
+    import elmtune.chat
+    from elmtune.cli import main
+    from elmtune.tokenizer import load_tokenizer
+    from tests.helpers import trained_prefix
+
+    sessions, written, generated = [], [], []
+    lines = iter(["say a b", "/quit"])
+    loop = elmtune.chat.chat_loop
+
+    def scripted(session):  # the real loop on the session the command built, reading the lines above
+        sessions.append(session)
+        model = session.pipeline.model
+        generate = model.generate
+        model.generate = lambda *a, **k: (generated.append(generate(*a, **k)), generated[-1])[1]
+        return loop(session, read=lambda _: next(lines), write=written.append)
+
+    monkeypatch.setattr(elmtune.chat, "chat_loop", scripted)
+    assert main(["chat", "--model", str(full_output), "--max-new-tokens", "8", "--repetition-penalty", "1.0",
+                 "--device", "cpu", "--dtype", "float32"]) == 0
+    [session] = sessions
+    assert not hasattr(session.pipeline.model, "disable_adapter")  # the directory itself, no adapter
+    user = {"role": "user", "content": "say a b"}
+    assert session.prompt_ids == trained_prefix(full_output, [user, {"role": "assistant", "content": "x"}])
+    expected = stock_greedy(full_output, session.prompt_ids, 8)
+    assert len(expected) == 8  # no early eos: eight greedy tokens to compare
+    [ids] = generated
+    assert ids[0, len(session.prompt_ids):].tolist() == expected
+    reply = load_tokenizer(str(full_output)).decode(expected)
+    assert "".join(written).split("elm> ", 1)[1].startswith(reply)
+    assert session.messages == [user, {"role": "assistant", "content": reply}]
+
+
+def test_elmtune_serve_on_a_full_output_answers_as_stock_transformers(full_output):
+    from fastapi.testclient import TestClient
+
+    from elmtune.serve import build_state, create_app
+    from tests.helpers import trained_prefix
+
+    state = build_state(str(full_output), {}, device="cpu", dtype="float32")
+    tok = state.tokenizer
+    try:
+        client = TestClient(create_app(state))
+        assert client.get("/v1/models").json()["data"][0]["id"] == "out"
+        messages = [{"role": "user", "content": "say a b"}]
+        answer = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 0, "max_tokens": 8})
+        assert answer.status_code == 200, answer.text
+        prompt_ids = trained_prefix(full_output, [*messages, {"role": "assistant", "content": "x"}])
+        expected = stock_greedy(full_output, prompt_ids, 8)
+        assert len(expected) == 8 and answer.json()["choices"][0]["message"]["content"] == tok.decode(expected)
+        assert answer.json()["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 8,
+                                          "total_tokens": len(prompt_ids) + 8}
+
+        tutorial = client.post("/", json={"prompt": "say", "max_new_tokens": 8})  # the tutorial's API: rep. 1.2
+        assert tutorial.status_code == 200, tutorial.text
+        prompt_ids = [tok.bos_id] + tok.encode(["say<sep>"])[0]  # the openelm-sep template training used
+        expected = stock_greedy(full_output, prompt_ids, 8, repetition_penalty=1.2)
+        assert len(expected) == 8 and tutorial.json()["response"] == tok.decode(expected)
+        assert expected != stock_greedy(full_output, prompt_ids, 8)  # the penalty mattered: it was applied alike
+    finally:
+        state.engine.close()
