@@ -17,8 +17,22 @@ from .checkpointing import selective_unsupported
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
+def layer_parameters(config, i: int) -> int:
+    """Parameters of decoder layer ``i`` (attention, q/k norms, feed-forward, the two norms), from the config."""
+    d, h = config.model_dim, config.head_dim
+    q, kv, ffn = config.num_query_heads[i], config.num_kv_heads[i], config.ffn_dim(i)
+    qk_norms = 2 * h if config.normalize_qk_projections else 0
+    return d * (q + 2 * kv) * h + q * h * d + qk_norms + d * ffn * (2 if config.ffn_with_glu else 1) + ffn * d + 2 * d
+
+
+def outer_parameters(config) -> int:
+    """Parameters outside the decoder layers: the token embedding (also the head when shared), the final norm."""
+    d = config.model_dim
+    return config.vocab_size * d * (1 if config.share_input_output_layers else 2) + d
+
+
 def estimate_memory(config, n_params: int, n_trainable: int, tokens_per_micro_batch: int, precision: str,
-                    checkpointing: str, full: bool = False) -> dict:
+                    checkpointing: str, full: bool = False, shards: int = 1) -> dict:
     """A rough per-device estimate in bytes: frozen weights, trainable weights + grads + AdamW states, activations.
 
     The trainable weights (LoRA's, or with ``full`` the model's own) are fp32 with fp32 gradients and two fp32
@@ -28,6 +42,14 @@ def estimate_memory(config, n_params: int, n_trainable: int, tokens_per_micro_ba
 
     ``checkpointing`` is the mode (off, on, full; see :mod:`elmtune.training.checkpointing`): what every layer keeps
     until backward, plus one layer's full activations (the layer being recomputed, or the last one).
+
+    ``shards`` > 1 is FSDP over that many processes (:func:`memory_shards`): the weights, gradients and AdamW
+    states are divided among them, and each process gathers whole units only while it computes them, in the
+    compute dtype (the MixedPrecisionPolicy's param_dtype; so no autocast copies): the outer unit (embedding /
+    head, final norm) for the whole step and a decoder layer with the next one prefetched; in backward the
+    unsharded gradients of the outer unit and one layer, in that dtype and as the fp32 copy reduce-scattered
+    (``gathered``).  Activations and logits are per process whatever the sharding.  DDP keeps everything on
+    every device; DeepSpeed ZeRO-2 is counted like DDP (an upper bound: it shards gradients and AdamW states).
     """
     width = BYTES[precision]
     d, layers = config.model_dim, config.num_transformer_layers
@@ -44,9 +66,13 @@ def estimate_memory(config, n_params: int, n_trainable: int, tokens_per_micro_ba
     else:  # full: the layer inputs only
         activations = tokens_per_micro_batch * d * width * layers + per_layer
     logits = tokens_per_micro_batch * config.vocab_size * 4 * 2  # fp32 logits and their gradient
-    parts = {"weights": n_params * (4 if full else width), "trainable_grads_adamw": n_trainable * 16,
-             "activations": activations + logits}
-    if full and precision != "fp32":
+    parts = {"weights": -(-n_params * (4 if full else width) // shards),
+             "trainable_grads_adamw": -(-n_trainable * 16 // shards), "activations": activations + logits}
+    if shards > 1:
+        outer, layer = outer_parameters(config), max(layer_parameters(config, i) for i in range(layers))
+        trained_share = n_trainable / max(1, n_params + n_trainable)
+        parts["gathered"] = (outer + 2 * layer) * width + math.ceil((outer + layer) * (width + 4) * trained_share)
+    elif full and precision != "fp32":
         parts["autocast_copies"] = (n_params + n_trainable) * width
     parts["total"] = sum(parts.values())
     return parts
@@ -76,6 +102,25 @@ def estimate_disk(n_trainable: int, total_steps: int, save_steps: int, save_tota
 def world() -> tuple[int, int]:
     """(rank, world size) of this process under torchrun / accelerate launch; (0, 1) when run alone."""
     return int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def memory_shards(options: TrainOptions) -> int:
+    """Processes the weights, gradients and optimizer states are divided among: the world size under
+    ``--distributed fsdp``, else 1 (DDP: every process holds them all)."""
+    return world()[1] if options.distributed == "fsdp" else 1
+
+
+def memory_layout(options: TrainOptions) -> str:
+    """The plan's line on how the memory estimate is divided among processes."""
+    size = world()[1]
+    if size == 1:
+        return "one process: the estimate is this device's"
+    if memory_shards(options) > 1:
+        return (f"sharded over {size} processes (FSDP): each holds 1/{size} of the weights, gradients and AdamW "
+                "states, gathers the outer unit and two decoder layers at a time, and its own activations; the "
+                "estimate is per device")
+    engine = "DeepSpeed ZeRO-2, counted as DDP (an upper bound)" if options.distributed == "deepspeed" else "DDP"
+    return f"{size} processes ({engine}): each device holds the whole estimate"
 
 
 def lora_config(options: TrainOptions, **extra):
@@ -139,7 +184,7 @@ def decide_checkpointing(options: TrainOptions, config, n_params: int, n_trainab
     have = available_memory(device)
     candidates = ("off",) if unsupported else ("off", "on")
     needs = {mode: estimate_memory(config, n_params, n_trainable, tokens, precision, mode,
-                                   options.method == "full")["total"]
+                                   options.method == "full", memory_shards(options))["total"]
              for mode in candidates}
     mode = next((m for m in candidates if needs[m] <= 0.7 * have), "full")
     selective = f"~{needs['on'] / 2**30:.1f} GiB selective" if "on" in needs else f"no selective: {unsupported}"
@@ -184,7 +229,7 @@ def plan_run(options: TrainOptions) -> dict:
     checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, lengths[-1], precision,
                                               device)
     memory = estimate_memory(config, total - trainable, trainable, options.batch_size * lengths[-1], precision,
-                             checkpointing, full)
+                             checkpointing, full, memory_shards(options))
     available = available_memory(device)
     fits = memory["total"] <= 0.7 * available
     return {
@@ -198,6 +243,7 @@ def plan_run(options: TrainOptions) -> dict:
         "steps_per_epoch": steps_per_epoch, "total_steps": steps,
         "gradient_checkpointing": f"{checkpointing} ({why})",
         "estimated_memory_gib": {k: round(v / 2**30, 2) for k, v in memory.items()},
+        "memory_layout": memory_layout(options),
         "memory_fits": (f"yes: ~{memory['total'] / 2**30:.1f} GiB of {available / 2**30:.1f} GiB available"
                         if fits else f"NO: ~{memory['total'] / 2**30:.1f} GiB needed, {available / 2**30:.1f} GiB "
                         "available here (70% is planned for); use a larger device, FSDP/DeepSpeed across GPUs, a "

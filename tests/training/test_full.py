@@ -4,6 +4,7 @@ recipe as LoRA, and written as a complete checkpoint in Apple's layout."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -370,3 +371,87 @@ def test_elmtune_serve_on_a_full_output_answers_as_stock_transformers(full_outpu
         assert expected != stock_greedy(full_output, prompt_ids, 8)  # the penalty mattered: it was applied alike
     finally:
         state.engine.close()
+
+
+# --------------------------------------------------------------------------- the memory plan under FSDP
+
+def test_the_unit_sizes_fsdp_gathers_are_the_models():
+    from elmtune.training.plan import layer_parameters, outer_parameters
+
+    for tied in (True, False):
+        model = tiny_model(share_input_output_layers=tied)
+        layers = model.transformer.layers
+        for i, layer in enumerate(layers):
+            assert layer_parameters(model.config, i) == sum(p.numel() for p in layer.parameters())
+        in_layers = sum(p.numel() for p in layers.parameters())
+        assert outer_parameters(model.config) == sum(p.numel() for p in model.parameters()) - in_layers
+
+
+def test_fsdp_divides_weights_gradients_and_adamw_states_among_the_processes():
+    from elmtune.training.plan import estimate_memory, layer_parameters, outer_parameters
+
+    config = tiny_model().config
+    frozen, trained = 1_000_000, 3_000_000
+    for full in (True, False):
+        one = estimate_memory(config, frozen, trained, 64, "bf16", "off", full=full)
+        four = estimate_memory(config, frozen, trained, 64, "bf16", "off", full=full, shards=4)
+        assert four["weights"] == one["weights"] / 4 and four["trainable_grads_adamw"] == one["trainable_grads_adamw"] / 4
+        assert four["activations"] == one["activations"]  # each process its own micro-batch
+        assert "autocast_copies" not in four  # gathered in bf16 already: nothing for autocast to copy
+        outer, layer = outer_parameters(config), max(layer_parameters(config, i) for i in range(2))
+        assert four["gathered"] == 2 * (outer + 2 * layer) + math.ceil((outer + layer) * 6 * 0.75)
+        assert four["total"] == sum(v for k, v in four.items() if k != "total")
+    assert "autocast_copies" in estimate_memory(config, frozen, trained, 64, "bf16", "off", full=True)
+
+
+def test_the_dry_run_under_fsdp_plans_per_process_and_says_so(inputs, tmp_path, monkeypatch):
+    """OpenELM-270M (the preset, counted on the meta device: nothing allocated) with Llama-2's tokenizer."""
+    import elmtune.training.recipe as recipe
+
+    tokenizer = str(shared_path("data", "llama2-tokenizer"))
+
+    def plan(method, **overrides):
+        return train(options(inputs, tmp_path / "plan", dry_run=True, precision="bf16", model="openelm-270m",
+                             tokenizer=tokenizer, method=method, gradient_checkpointing="full", **overrides))
+
+    alone = {method: plan(method) for method in ("full", "lora")}
+    assert alone["full"]["memory_layout"].startswith("one process")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node 4 sets it (plan.world() reads it)
+    ddp = plan("full", distributed="ddp")
+    assert ddp["estimated_memory_gib"] == alone["full"]["estimated_memory_gib"]
+    assert "4 processes (DDP)" in ddp["memory_layout"] and ddp["global_batch"] == 4 * alone["full"]["global_batch"]
+    with pytest.raises(recipe.TrainError, match="CUDA GPUs only"):  # FSDP on these CPU processes is refused
+        plan("full", distributed="fsdp")
+    monkeypatch.setattr(recipe, "check_distributed", lambda options, device: None)  # as on 4 GPUs
+    for method in ("full", "lora"):
+        fsdp = plan(method, distributed="fsdp")
+        assert "sharded over 4 processes (FSDP)" in fsdp["memory_layout"]
+        one, four = alone[method]["estimated_memory_gib"], fsdp["estimated_memory_gib"]
+        for part in ("weights", "trainable_grads_adamw"):  # a quarter each (to the plan's rounding)
+            assert abs(four[part] - one[part] / 4) <= 0.01, (part, one, four)
+        assert four["activations"] == one["activations"] and 0 < four["gathered"] < 1
+        saved = 0.75 * (one["weights"] + one["trainable_grads_adamw"]) + one.get("autocast_copies", 0)
+        assert abs(four["total"] - (one["total"] - saved + four["gathered"])) <= 0.02, (one, four)
+    assert alone["full"]["estimated_memory_gib"]["trainable_grads_adamw"] > 3  # 16 bytes × 270M
+
+
+def test_full_under_fsdp_keeps_fp32_master_weights_and_computes_in_the_training_dtype():
+    """The engine settings a `--method full --distributed fsdp` run gets (FSDP itself needs CUDA processes)."""
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from elmtune.training.recipe import distributed_arguments, fsdp_mixed_precision
+
+    fsdp = distributed_arguments(TrainOptions(method="full", distributed="fsdp"))
+    assert fsdp["fsdp"] is True and fsdp["fsdp_config"]["version"] == 2
+    assert fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["OpenELMDecoderLayer"]
+    plugin = SimpleNamespace(mixed_precision_policy=None)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+    fsdp_mixed_precision(trainer, torch.bfloat16)
+    policy = plugin.mixed_precision_policy
+    assert isinstance(policy, MixedPrecisionPolicy)
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    plugin.mixed_precision_policy = None
+    fsdp_mixed_precision(trainer, torch.float32)
+    assert plugin.mixed_precision_policy is None  # fp32: nothing to cast

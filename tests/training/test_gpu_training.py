@@ -2,8 +2,8 @@
 
 * a bf16 run follows the fp32 run of the same recipe, with fp32 LoRA weights;
 * QLoRA (bitsandbytes) trains, computing in the training dtype with the embedding/head kept in it;
-* two GPUs under torchrun (DDP, and FSDP2 with a sharded base) train what one GPU trains with the same global
-  batch.
+* two GPUs under torchrun (DDP, FSDP2 with a sharded base, and FSDP2 full fine-tuning) train what one GPU trains
+  with the same global batch.
 """
 
 from __future__ import annotations
@@ -88,5 +88,30 @@ def test_fsdp2_on_two_gpus_trains_what_one_gpu_trains_and_stock_peft_loads_it(in
     train_cli(directory, tmp_path / "fsdp", "--batch-size", "2", "--device", "cuda", "--distributed", "fsdp", nproc=2)
     assert_same(adapter(tmp_path / "one"), adapter(tmp_path / "fsdp"), atol=1e-4)
     model = PeftModel.from_pretrained(tiny_model(), tmp_path / "fsdp").eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 5, 6, 7]])).logits).all()
+
+
+@two_gpus
+def test_full_fine_tuning_under_fsdp2_on_two_gpus_trains_what_one_gpu_trains(inputs, tmp_path):
+    """--method full: fp32 master weights sharded over two GPUs; the output, gathered from the shards, is the
+    whole model in Apple's layout (fp32), equal to one GPU's run with the same global batch."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    def weights(out):
+        return {k: v for f in sorted(out.glob("model*.safetensors")) for k, v in load_file(f).items()}
+
+    directory = inputs[0].parent
+    common = ("--method", "full", "--lr", "1e-3", "--device", "cuda")
+    train_cli(directory, tmp_path / "one", *common, "--batch-size", "4")
+    train_cli(directory, tmp_path / "fsdp", *common, "--batch-size", "2", "--distributed", "fsdp", nproc=2)
+    one, fsdp = weights(tmp_path / "one"), weights(tmp_path / "fsdp")
+    base = tiny_model().state_dict()
+    assert fsdp.keys() == one.keys() == base.keys()
+    assert all(fsdp[k].shape == base[k].shape and fsdp[k].dtype == torch.float32 for k in base)  # gathered, whole
+    assert_same(one, fsdp, atol=1e-4)
+    assert not torch.equal(fsdp["transformer.token_embeddings.weight"], base["transformer.token_embeddings.weight"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp").eval()
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 5, 6, 7]])).logits).all()
