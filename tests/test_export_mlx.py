@@ -21,7 +21,7 @@ from elmtune.inference import SamplingOptions, complete, load_pipeline
 from tests.helpers import train_tiny_adapter
 
 NO_EMBEDDING = ["qkv_proj", "out_proj", "proj_1", "proj_2"]
-PROMPTS = ["say a b", "say hello x", "say z"]
+PROMPTS = ["say a b", "say hello x"]
 STEPS = 16  # forced continuation length compared token by token
 
 
@@ -173,7 +173,7 @@ def test_checkpoint_export_and_quantised_exports(embedding_trained, tmp_path):
         assert config["quantization"] == {"group_size": 32, "bits": bits, "mode": "affine"}
         model, _ = load(str(tmp_path / f"q{bits}"))
         same = 0
-        for text in PROMPTS:
+        for text in [*PROMPTS, "say z"]:
             ids = pipeline.prompt(text).input_ids
             with torch.no_grad():
                 forced = pipeline.model.generate(torch.tensor([ids]), max_new_tokens=STEPS, min_new_tokens=STEPS,
