@@ -330,8 +330,6 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _export_mlx_parser(p: argparse.ArgumentParser) -> None:
-    from .options import bounded
-
     p.add_argument("source", help="an adapter directory (`elmtune train` output), or a merged, fully fine-tuned or "
                                   "base model (directory or hub id)")
     p.add_argument("--output-dir", "-o", required=True, help="where the mlx-lm files go")
@@ -348,8 +346,8 @@ def _export_mlx_parser(p: argparse.ArgumentParser) -> None:
                    help="weight dtype of a model written (the adapter is folded in fp32 first; default: float32)")
     p.add_argument("--q-bits", type=int, choices=(4, 8), help="quantise the model written with mlx-lm's own "
                                                               "quantisation (needs mlx and mlx-lm installed)")
-    p.add_argument("--q-group-size", type=bounded(int, 1), default=64, help="quantisation group size: 32, 64 or "
-                                                                           "128 (default: 64)")
+    p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64,
+                   help="weights sharing one scale and bias in the quantisation (default: 64)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--device", default="auto", help="where the adapter is folded in: cuda, cuda:N, mps or cpu "
                                                     "(default: auto)")
@@ -369,6 +367,9 @@ def _run_export_mlx(args: argparse.Namespace) -> int:
           + (f"; quantised to {result['quantization']['bits']} bits" if "quantization" in result else ""))
     if not result["mlx_installed"]:
         print(f"mlx is not installed here; on a Mac: {INSTALL_HINT.split('  ')[0]}")
+    if result["kind"] == "adapter" and not result.get("base_output"):
+        print(f"mlx-lm loads the tokenizer and chat template from --model: {result['base_model']} must hold them "
+              "(Apple's hub repos hold no tokenizer); --base-output DIR writes such a base")
     print("run it with:")
     for command in run_commands(result):
         print(f"  {command}")

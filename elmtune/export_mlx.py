@@ -194,17 +194,9 @@ def mlx_adapter(adapter_dir: Path, base_config) -> tuple[dict, dict[str, torch.T
             root_keys.add(module)
     if not tensors:
         raise ExportError(f"{files[0]}: no LoRA tensors")
-    L = base_config.num_transformer_layers
-    # mlx-lm adapts the last num_layers layers; any of those PEFT left alone keep lora_b = 0 (no change)
-    num_layers = L - min(layers) if layers else 0
-    for index in range(L - num_layers, L):
-        if index not in layers:
-            for inner in layer_keys:
-                module = f"transformer.layers.{index}.{inner}"
-                zero_a = tensors[next(k for k in tensors if k.endswith(f".{inner}.lora_a"))]
-                zero_b = tensors[next(k for k in tensors if k.endswith(f".{inner}.lora_b"))]
-                tensors[f"{module}.lora_a"] = torch.zeros_like(zero_a)
-                tensors[f"{module}.lora_b"] = torch.zeros_like(zero_b)
+    # mlx-lm adds LoRA layers for every key to the last num_layers layers; where PEFT left a module alone, the one
+    # mlx-lm adds keeps its initial lora_b = 0: no change, as under PEFT
+    num_layers = base_config.num_transformer_layers - min(layers) if layers else 0
     mlx_config = {
         "fine_tune_type": "dora" if dora else "lora",
         "num_layers": num_layers,

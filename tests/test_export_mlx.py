@@ -267,3 +267,30 @@ def test_dora_adapter_only_and_a_quantised_base(tmp_path):
     with torch.no_grad():
         reference = pipeline.model(torch.tensor([ids])).logits[0].numpy()
     assert (np.array(model(mx.array([ids]))[0]).argmax(-1) == reference.argmax(-1)).mean() >= 0.75
+
+
+def test_partial_layers_and_rslora_scale(tmp_path):
+    """A PEFT adapter on the last layer only, with rsLoRA's scale (alpha / sqrt(r)) and random non-zero weights:
+    mlx-lm's logits are base + adapter's (the first layer's modules mlx-lm adds keep lora_b = 0)."""
+    mlx_lm()
+    import mlx.core as mx
+    from mlx_lm import load
+    from peft import LoraConfig, get_peft_model
+
+    from tests.helpers import save_tiny_base, tiny_model
+
+    base = save_tiny_base(tmp_path / "base")
+    config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["qkv_proj", "proj_2"],
+                        layers_to_transform=[1], layers_pattern="layers", init_lora_weights=False)
+    peft_model = get_peft_model(tiny_model(), config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    summary = export_mlx(str(tmp_path / "adapter"), str(tmp_path / "a"), adapter_only=True, model=str(base))
+    assert summary["adapter_config"]["num_layers"] == 1
+    assert summary["adapter_config"]["lora_parameters"]["scale"] == 4.0  # 8 / sqrt(4)
+    model, _ = load(str(base), adapter_path=str(tmp_path / "a"))
+    ids = [1, 5, 9, 14, 20, 3]
+    with torch.no_grad():
+        reference = peft_model.eval()(torch.tensor([ids])).logits[0].numpy()
+        plain = tiny_model()(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(reference - plain).max() > 0.1
+    np.testing.assert_allclose(np.array(model(mx.array([ids]))[0]), reference, atol=1e-3, rtol=0)
