@@ -346,8 +346,8 @@ def _export_mlx_parser(p: argparse.ArgumentParser) -> None:
     _template_arguments(p, "the adapter was")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weight dtype of a model written (the adapter is folded in fp32 first; default: float32)")
-    p.add_argument("--q-bits", type=bounded(int, 4, 8), choices=(4, 8), help="quantise the model written with mlx-lm's own "
-                                                              "quantisation (needs mlx and mlx-lm installed)")
+    p.add_argument("--q-bits", type=bounded(int, 4, 8), choices=(4, 8),
+                   help="quantise the model written with mlx-lm's own quantisation (needs mlx and mlx-lm installed)")
     p.add_argument("--q-group-size", type=bounded(int, 32, 128), choices=(32, 64, 128), default=64,
                    help="weights sharing one scale and bias in the quantisation (default: 64)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
