@@ -264,9 +264,16 @@ def quantize(directory: Path, bits: int, group_size: int) -> dict:
     return config["quantization"]
 
 
-def _fresh(directory: Path, overwrite: bool, flag: str) -> Path:
+def _check_output(directory: Path, overwrite: bool, flag: str, source: str) -> None:
+    """Refuse to write over anything but an empty or (with ``overwrite``) replaceable directory, never the
+    source or a directory holding it."""
+    if Path(source).exists() and Path(source).resolve().is_relative_to(directory.resolve()):
+        raise ExportError(f"{flag} {directory} would replace the source {source}; choose another directory")
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
         raise ExportError(f"{flag} {directory} is not empty; pass --overwrite to replace it")
+
+
+def _fresh(directory: Path) -> Path:
     tmp = directory.with_name(directory.name + ".tmp-mlx")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -320,8 +327,11 @@ def export_mlx(source: str, output_dir: str, *, adapter_only: bool = False, base
         prompter = Prompter.for_adapter(metadata, tok, template, chat_template)
         if base_output and Path(base_output).resolve() == out.resolve():
             raise ExportError("--base-output must differ from --output-dir")
-        tmp = _fresh(out, overwrite, "--output-dir")
-        base_tmp = _fresh(Path(base_output), overwrite, "--base-output") if base_output else None
+        _check_output(out, overwrite, "--output-dir", source)
+        if base_output:
+            _check_output(Path(base_output), overwrite, "--base-output", source)
+        tmp = _fresh(out)
+        base_tmp = _fresh(Path(base_output)) if base_output else None
         try:
             from safetensors.torch import save_file
 
@@ -348,6 +358,9 @@ def export_mlx(source: str, output_dir: str, *, adapter_only: bool = False, base
 
     if base_output:
         raise ExportError("--base-output goes with --adapter-only (a fused export already holds the base)")
+    if model and not adapter:
+        raise ExportError("--model goes with an adapter SOURCE (the base it was trained on)")
+    _check_output(out, overwrite, "--output-dir", source)
     pipeline = load_pipeline(model=model if adapter else source, adapter=source if adapter else None,
                              tokenizer=tokenizer, template=template, dtype=torch.float32, device=device,
                              chat_template=chat_template)
@@ -355,11 +368,9 @@ def export_mlx(source: str, output_dir: str, *, adapter_only: bool = False, base
     if adapter:
         net, untied = merge_adapter(pipeline.model)
     else:
-        if model:
-            raise ExportError("--model goes with an adapter SOURCE (the base it was trained on)")
         net = pipeline.model
     net = net.to("cpu")
-    tmp = _fresh(out, overwrite, "--output-dir")
+    tmp = _fresh(out)
     try:
         metadata = {**pipeline.metadata, "exported_from": str(source)} if pipeline.metadata else {}
         _write_model(net, pipeline.tokenizer, pipeline.prompter, metadata, tmp, dtype)

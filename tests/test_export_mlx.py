@@ -221,6 +221,11 @@ def test_cli_errors_are_one_line_exit_2(embedding_trained, trained, tmp_path, ca
     assert f"--adapter-path {tmp_path / 'd'}" in out and "mlx is not installed here" in out
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["adapter_config.json", "adapters.safetensors",
                                                                   "chat_template.jinja"]
+    assert main(["export", "mlx", str(trained[1]), "-o", str(tmp_path / "d"), "--adapter-only"]) == 2
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert main(["export", "mlx", str(trained[1]), "-o", str(trained[1].parent), "--adapter-only",
+                 "--overwrite"]) == 2
+    assert "would replace the source" in capsys.readouterr().err and (trained[1] / "adapter_config.json").is_file()
 
 
 def test_llama2_tokenizer_encodes_the_rendered_prompt_as_elmtune(tmp_path):
