@@ -157,6 +157,9 @@ def _pair_pieces(bos: list[int], eos: int, prompt: str, answer: str, roles: tupl
 def _item(record: Record, fmt: str, spec: DataSpec, template: ChatTemplate, tokenizer: Tokenizer,
           bos: list[int], eos: int) -> _Item:
     """A record as pieces to tokenize (raises DataError for a bad one); ``bos`` is ``[]`` or ``[bos id]``."""
+    if record.values.get("chosen") is not None and record.values.get("rejected") is not None:
+        raise DataError(f"{record.where}: a preference record (chosen/rejected); train on preference data with "
+                        "--method dpo or orpo")
     if fmt == "alpaca":
         instruction, input_text, output = spec.fields.extract(record)
         pieces = _pair_pieces(bos, eos, spec.template.prompt(instruction, input_text), output, ("prompt", "answer"))

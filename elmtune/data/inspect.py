@@ -3,7 +3,9 @@
 Shows a few examples rendered token by token with the supervised part highlighted (conversations turn by turn),
 statistics (kept, dropped, truncated, skipped, supervised share, a length histogram, and the same per record
 format), and optionally writes every kept example with its source file and record index as JSONL — the same
-columns whatever the format.
+columns whatever the format.  Preference data (records with ``chosen`` and ``rejected``, for ``train --method
+dpo|orpo``) is recognised from its first record and shown pair by pair: the prompt and both answers as training
+tokenizes them (:func:`inspect_pairs`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from ..tokenizer import Tokenizer
 from .encode import IGNORE_INDEX, DataSpec, EncodeStats, Example, load_examples
 from .formats import CONVERSATION_FORMATS
+from .preference import Pair, is_preference_data, load_pairs
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _BOLD_GREEN, _DIM, _RESET = "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
@@ -91,11 +94,73 @@ def histogram(stats: EncodeStats, max_length: int, bins: int = 8, width: int = 4
     return lines
 
 
+def _pair_rows(pair: Pair, tokenizer: Tokenizer, color: bool) -> str:
+    """A preference pair: the prompt, then each answer (the scored tokens highlighted)."""
+    rows = []
+    prompt = Example(pair.prompt_ids, [IGNORE_INDEX] * len(pair.prompt_ids), pair.source, pair.index)
+    for name, example, start in (("prompt", prompt, 0),
+                                 ("chosen", Example(pair.prompt_ids + pair.chosen_ids,
+                                                    prompt.labels + pair.chosen_ids, pair.source, pair.index),
+                                  len(pair.prompt_ids)),
+                                 ("rejected", Example(pair.prompt_ids + pair.rejected_ids,
+                                                      prompt.labels + pair.rejected_ids, pair.source, pair.index),
+                                  len(pair.prompt_ids))):
+        text = render(example, tokenizer, color, start).split("\n")
+        rows.append(f"  {name:>8} │ {text[0]}")
+        rows += [f"  {'':>8} │ {line}" for line in text[1:]]
+    return "\n".join(rows)
+
+
+def inspect_pairs(data: list[str], tokenizer: Tokenizer, spec: DataSpec, on_bad_record: str = "error",
+                  show: int = 3, output: str | None = None, stream=None, color: bool = False) -> dict:
+    """``data inspect`` of preference records (``--method dpo|orpo`` data): each pair's prompt and its two answers
+    as training tokenizes them, and the statistics; ``output`` gets every kept pair's ids (JSONL)."""
+    stream = stream or sys.stdout
+    pairs, stats = load_pairs(data, tokenizer, spec, on_bad_record)
+    legend = "scored answer tokens in green, prompt dimmed" if color else "scored answer tokens between ⟦ ⟧"
+    print(f"preference pairs (prompt, chosen, rejected); template {spec.template.name!r} for prompt strings, chat "
+          f"template {spec.chat_template_for(tokenizer).name!r} for messages; max length {spec.max_length}; {legend}",
+          file=stream)
+    for pair in pairs[:show]:
+        print(f"\n--- {pair.source} [record {pair.index}] {pair.format}, prompt {len(pair.prompt_ids)} tokens, "
+              f"chosen {len(pair.chosen_ids)}, rejected {len(pair.rejected_ids)}", file=stream)
+        print(_pair_rows(pair, tokenizer, color), file=stream)
+    summary = stats.summary()
+    print("\nrecords read        ", summary["records"], file=stream)
+    print("pairs kept          ", summary["kept"], file=stream)
+    print("truncated           ", summary["truncated"], f"(an answer cut at {spec.max_length} tokens with its prompt)",
+          file=stream)
+    print("dropped, no answer  ", summary["dropped_all_masked"], "(the prompt alone fills --max-length)", file=stream)
+    print("bad records skipped ", summary["skipped_bad"], file=stream)
+    for reason in stats.skipped.examples:
+        print("   ", reason, file=stream)
+    print("tokens              ", summary["tokens"], f"(prompt twice + both answers; {summary['supervised_share']:.1%} "
+          "scored)", file=stream)
+    if stats.formats:
+        print("per format:", file=stream)
+        for line in format_table(stats):
+            print(line, file=stream)
+    print("length histogram (tokens of the longer sequence of each pair):", file=stream)
+    for line in histogram(stats, spec.max_length):
+        print(line, file=stream)
+    if output:
+        path = Path(output)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for p in pairs:
+                f.write(json.dumps({"file": p.source, "index": p.index, **p.features()}) + "\n")
+        tmp.replace(path)
+        print(f"wrote {len(pairs)} pairs to {path}", file=stream)
+    return summary
+
+
 def inspect_data(data: list[str], tokenizer: Tokenizer, spec: DataSpec, on_bad_record: str = "error",
                  show: int = 3, output: str | None = None, stream=None) -> dict:
     """Print samples and statistics; write every kept example to ``output`` (JSONL) if given. Returns the stats."""
     stream = stream or sys.stdout
     color = stream.isatty() and not os.environ.get("NO_COLOR")
+    if is_preference_data(data):
+        return inspect_pairs(data, tokenizer, spec, on_bad_record, show, output, stream, color)
     examples, stats = load_examples(data, tokenizer, spec, on_bad_record)
     legend = "answer (supervised) in green, prompt dimmed" if color else "answer (supervised) between ⟦ ⟧"
     print(f"template {spec.template.name!r}, fields {vars(spec.fields)}, max length {spec.max_length}; {legend}",
