@@ -393,8 +393,9 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from .evaluate import run_eval
 
-    if not args.adapter:
-        raise UsageError("--adapter is required: eval compares the base model with base + adapter")
+    if not args.adapter and not args.model:
+        raise UsageError("give --adapter (the base model against base + adapter) or --model alone (a merged or "
+                         "fully fine-tuned model, or any base, scored by itself)")
     report = run_eval(args.data, args.adapter, args.output_dir, args.model, args.tokenizer, args.template,
                       args.fields, args.max_new_tokens, args.limit, dtype=args.dtype, device=args.device,
                       chat_template=args.chat_template)

@@ -103,6 +103,18 @@ def eval_case(record: Record, fmt: str, spec: DataSpec, prompter: Prompter) -> t
                     f"messages, sharegpt and completion records")
 
 
+def compared(pipeline: Pipeline) -> tuple[tuple[str, bool], ...]:
+    """(report key, adapter on) of each model eval scores: the base and base + adapter, or — loaded without an
+    adapter (a merged or fully fine-tuned model, or any base) — the model alone, under ``model``."""
+    if hasattr(pipeline.model, "disable_adapter"):
+        return ("base", False), ("adapter_model", True)
+    return (("model", False),)
+
+
+#: eval.md's column titles for the report keys
+TITLES = {"base": "base", "adapter_model": "base + adapter", "model": "model"}
+
+
 def run_eval(data: list[str], adapter: str, output_dir: str, model: str | None = None, tokenizer: str | None = None,
              template: str | None = None, fields: str | None = None, max_new_tokens: int = 128,
              limit: int | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
@@ -123,7 +135,7 @@ def run_eval(data: list[str], adapter: str, output_dir: str, model: str | None =
     references = [by_place[(e.source, e.index)][1] for e in examples]
     report = {"data": data, "adapter": adapter, "n": len(examples),
               **{key: evaluate_model(pipeline, examples, prompts, references, max_new_tokens, use_adapter=tuned)
-                 for key, tuned in (("base", False), ("adapter_model", True))}}
+                 for key, tuned in compared(pipeline)}}
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -132,12 +144,14 @@ def run_eval(data: list[str], adapter: str, output_dir: str, model: str | None =
 
 
 def markdown(report: dict) -> str:
-    base, tuned = report["base"], report["adapter_model"]
+    keys = [key for key in TITLES if key in report]
     rows = [("answer loss", "loss", "{:.4f}"), ("answer perplexity", "perplexity", "{:.2f}"),
             ("exact match", "exact_match", "{:.1%}"), ("ROUGE-L F1", "rouge_l", "{:.3f}")]
     lines = [f"# Evaluation on {', '.join(report['data'])} ({report['n']} records)", "",
-             "| metric | base | base + adapter |", "|---|---|---|"]
-    lines += [f"| {label} | {fmt.format(base[key])} | {fmt.format(tuned[key])} |" for label, key, fmt in rows]
-    lines += ["", "## Samples (base + adapter)", ""]
-    lines += [f"- `{s['prompt']}` → `{s['prediction']}` (reference: `{s['reference']}`)" for s in tuned["samples"]]
+             "| metric | " + " | ".join(TITLES[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(fmt.format(report[k][key]) for k in keys) + " |"
+              for label, key, fmt in rows]
+    lines += ["", f"## Samples ({TITLES[keys[-1]]})", ""]
+    lines += [f"- `{s['prompt']}` → `{s['prediction']}` (reference: `{s['reference']}`)"
+              for s in report[keys[-1]]["samples"]]
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@ recipe as LoRA, and written as a complete checkpoint in Apple's layout."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -296,12 +297,18 @@ def full_output(inputs, tmp_path_factory):
     return directory / "out"
 
 
+@functools.lru_cache(maxsize=1)
+def stock_model(out):
+    """The trained model as stock transformers loads it (after ``import elmtune``)."""
+    return AutoModelForCausalLM.from_pretrained(out).eval()
+
+
 def stock_greedy(out, prompt_ids: list[int], max_new_tokens: int, repetition_penalty: float = 1.0) -> list[int]:
     """The greedy continuation of ``prompt_ids`` by stock transformers, cut at eos."""
     from elmtune.tokenizer import load_tokenizer
 
     eos = load_tokenizer(str(out)).eos_id
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    model = stock_model(out)
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
@@ -455,3 +462,38 @@ def test_full_under_fsdp_keeps_fp32_master_weights_and_computes_in_the_training_
     plugin.mixed_precision_policy = None
     fsdp_mixed_precision(trainer, torch.float32)
     assert plugin.mixed_precision_policy is None  # fp32: nothing to cast
+
+
+def test_elmtune_eval_on_a_full_output_scores_the_model_alone(full_output, inputs, tmp_path, capsys):
+    """`elmtune eval --model DIR` (no adapter): one column, the greedy answers stock transformers gives to the
+    prompts training rendered, and the answer loss computed from stock logits."""
+    from elmtune.cli import main
+    from elmtune.tokenizer import load_tokenizer
+
+    records = [json.loads(line) for line in inputs[1].read_text().splitlines()][-4:]  # held out: never trained on
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["eval", "--model", str(full_output), "--data", str(heldout), "-o", str(tmp_path / "eval"),
+                 "--max-new-tokens", "6", "--device", "cpu", "--dtype", "float32"]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["n"] == 4 and report["adapter"] is None
+    assert "model" in report and "base" not in report and "adapter_model" not in report
+    assert "| metric | model |" in (tmp_path / "eval" / "eval.md").read_text()
+
+    tok = load_tokenizer(str(full_output))
+    stock = stock_model(full_output)
+    total = count = 0
+    for record, sample in zip(records, report["model"]["samples"]):
+        prompt = [tok.bos_id] + tok.encode([record["instruction"] + record["input"] + "<sep>"])[0]  # openelm-sep
+        assert sample["prompt"] == record["instruction"] + record["input"] + "<sep>"  # rendered as in training
+        assert sample["prediction"] == tok.decode(stock_greedy(full_output, prompt, 6)).strip()
+        answer = tok.encode([record["output"]])[0] + [tok.eos_id]
+        with torch.no_grad():
+            logits = stock(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1]
+        total += torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="sum").item()
+        count += len(answer)
+    assert report["model"]["loss"] == pytest.approx(total / count, rel=1e-5)
+
+    capsys.readouterr()
+    assert main(["eval", "--data", str(heldout)]) == 2  # neither a model nor an adapter
+    assert "give --adapter" in capsys.readouterr().err
