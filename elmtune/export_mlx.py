@@ -24,7 +24,8 @@ Prompts: mlx-lm renders every prompt with the model directory's chat template (`
 tokenized as one text.  :func:`mlx_chat_template` writes the template that gives the prompts elmtune gives
 (:class:`elmtune.inference.Prompter`): for an adapter trained on instructions, a conversation of one user
 message (after any system messages) is the prompt template around the messages' texts joined by newlines;
-anything else goes through the adapter's chat template.
+anything else goes through the adapter's chat template (``openelm`` as :data:`OPENELM_FOR_WHOLE_TEXT`, whose
+whole-text tokenization gives elmtune's per-turn ids; other templates as they are).
 """
 
 from __future__ import annotations
@@ -81,6 +82,30 @@ def _jinja_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+#: elmtune's ``openelm`` chat template for a tokenizer that sees the rendered text whole.  elmtune tokenizes each
+#: turn on its own, so a turn that follows text (a system turn's newline, a user turn's ``<sep>``) starts with
+#: SentencePiece's word start; tokenized whole, the same text would not.  A space before such a turn gives the
+#: same ids (after bos or eos, legacy tokenization already starts a word).
+OPENELM_FOR_WHOLE_TEXT = (
+    "{{- bos_token if bos_token else '' -}}\n"
+    "{%- set state = namespace(after_text=false) -%}\n"
+    "{%- for message in messages -%}\n"
+    "    {%- set lead = ' ' if state.after_text else '' -%}\n"
+    "    {%- if message['role'] == 'system' -%}\n"
+    "        {{- lead + message['content'] + '\\n' -}}{%- set state.after_text = true -%}\n"
+    "    {%- elif message['role'] == 'user' -%}\n"
+    "        {{- lead + message['content'] + '<sep>' -}}{%- set state.after_text = true -%}\n"
+    "    {%- elif message['role'] == 'assistant' -%}\n"
+    "        {%- generation -%}{{- lead + message['content'] + (eos_token if eos_token else '') -}}"
+    "{%- endgeneration -%}{%- set state.after_text = not eos_token -%}\n"
+    "    {%- else -%}\n"
+    "        {{- raise_exception('the openelm template knows the roles system, user and assistant, not '"
+    " + message['role']) -}}\n"
+    "    {%- endif -%}\n"
+    "{%- endfor -%}\n"
+)
+
+
 def mlx_chat_template(prompter) -> str:
     """The chat template under which mlx-lm renders the prompts ``prompter`` renders (see the module doc).
 
@@ -88,7 +113,11 @@ def mlx_chat_template(prompter) -> str:
     turns → the adapter's chat template.  Not expressible: a separate ``input`` field (mlx-lm has one user
     message: ``instruction + input`` is written as that message, which is the same prompt for ``openelm-sep``
     but the no-input form for ``alpaca``)."""
+    from .data.chat import OPENELM_TEMPLATE
+
     chat = prompter.chat_template.source
+    if chat == OPENELM_TEMPLATE:
+        chat = OPENELM_FOR_WHOLE_TEXT
     if prompter.instructions_as_chat:
         return chat
     pieces = prompter.template.prompt("\0", "").split("\0")  # the literal text around each {instruction}

@@ -18,7 +18,7 @@ from elmtune.cli import main
 from elmtune.data.templates import ALPACA_NO_INPUT
 from elmtune.export_mlx import ExportError, export_mlx
 from elmtune.inference import SamplingOptions, complete, load_pipeline
-from tests.helpers import train_tiny_adapter
+from tests.helpers import WORD_CHAT_TEMPLATE, train_tiny_adapter
 
 NO_EMBEDDING = ["qkv_proj", "out_proj", "proj_1", "proj_2"]
 PROMPTS = ["say a b", "say hello x"]
@@ -201,8 +201,19 @@ def test_templates_travel_in_the_tokenizer_config(trained, tmp_path):
     assert text == "<s>" + pipeline.chat_prompt(messages).text  # elmtune's text leaves out the bos it feeds
     turns = [{"role": "user", "content": "say a"}, {"role": "assistant", "content": "a"},
              {"role": "user", "content": "say b"}]
-    assert hf.apply_chat_template(turns, add_generation_prompt=True, tokenize=False) == "<s>say a<sep>a</s>say b<sep>"
+    # a longer conversation: the openelm chat template, a space where elmtune starts a turn's tokens afresh
+    assert hf.apply_chat_template(turns, add_generation_prompt=True, tokenize=False) == "<s>say a<sep> a</s>say b<sep>"
     assert json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())["legacy"] is True
+
+    # a chat template given at export (as for an adapter trained on conversations) renders instructions too,
+    # as it stands (the same text; see the README for where whole-text tokenization differs)
+    export_mlx(str(adapter), str(tmp_path / "chat"), chat_template=WORD_CHAT_TEMPLATE)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "chat")
+    assert hf.chat_template == WORD_CHAT_TEMPLATE
+    pipeline = load_pipeline(adapter=str(adapter), chat_template=WORD_CHAT_TEMPLATE, device="cpu")
+    for conversation in (messages, turns):
+        text = hf.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        assert text == pipeline.chat_prompt(conversation).text
 
 
 def test_cli_errors_are_one_line_exit_2(embedding_trained, trained, tmp_path, capsys, monkeypatch):
@@ -230,7 +241,9 @@ def test_cli_errors_are_one_line_exit_2(embedding_trained, trained, tmp_path, ca
 
 def test_llama2_tokenizer_encodes_the_rendered_prompt_as_elmtune(tmp_path):
     """With the real Llama-2 tokenizer, the text mlx-lm renders and encodes as a whole gives the ids elmtune
-    feeds (``<s>`` + SentencePiece), for the alpaca and openelm-sep templates, Chinese included."""
+    feeds: single instructions (``<s>`` + SentencePiece) under alpaca and openelm-sep, Chinese included, and
+    conversations with system messages and history under the openelm chat template, whether instructions use
+    the prompt template or (an adapter trained on conversations) the chat template."""
     from transformers import AutoTokenizer
 
     from elmtune.export_mlx import mlx_chat_template, write_tokenizer
@@ -241,12 +254,21 @@ def test_llama2_tokenizer_encodes_the_rendered_prompt_as_elmtune(tmp_path):
     tokenizer = load_tokenizer(str(shared_path("data", "llama2-tokenizer")))
     write_tokenizer(tokenizer, Prompter.for_adapter({}, tokenizer), tmp_path)
     hf = AutoTokenizer.from_pretrained(tmp_path)  # converting Llama-2's 32k pieces takes seconds: once
-    for template in ("alpaca", "openelm-sep"):
-        prompter = Prompter.for_adapter({}, tokenizer, template)
-        for text in ("Name three colours.", "把这句话翻译成英文：你好"):
-            rendered = hf.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=False, chat_template=mlx_chat_template(prompter))
-            assert hf.encode(rendered, add_special_tokens=False) == prompter.instruction(text).input_ids
+    assert hf.chat_template == mlx_chat_template(Prompter.for_adapter({}, tokenizer))
+    conversations = [
+        [{"role": "user", "content": "Name three colours."}],
+        [{"role": "user", "content": "把这句话翻译成英文：你好"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour"}],
+        [{"role": "system", "content": "z"}, {"role": "user", "content": "say a"},
+         {"role": "assistant", "content": "a b"}, {"role": "user", "content": "你好 x"}],
+        [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+         {"role": "user", "content": "again\nand"}]]
+    for prompter in (Prompter.for_adapter({}, tokenizer, "alpaca"), Prompter.for_adapter({}, tokenizer),
+                     Prompter.for_adapter({}, tokenizer, None, "openelm")):  # the last: instructions as chat
+        for conversation in conversations:
+            rendered = hf.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,
+                                              chat_template=mlx_chat_template(prompter))
+            assert hf.encode(rendered, add_special_tokens=False) == prompter.conversation(conversation).input_ids
 
 
 @pytest.mark.slow  # ~27 s on 2 busy CPU cores: a DoRA training, two exports, one quantisation
