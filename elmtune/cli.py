@@ -80,10 +80,12 @@ def _run_train(args: argparse.Namespace) -> int:
     if "stopped" in summary:
         print(f"stopped by {summary['stopped']}; a checkpoint was saved: continue with the same command plus "
               "--resume auto")
-    what = "model" if summary.get("method") == "full" else "adapter"
+    what = "model" if "full" in (summary.get("method"), summary.get("tune")) else "adapter"
     print(f"{what} written to {summary['output_dir']} after {summary['global_step']} steps"
           + (f"; loss {summary['first_loss']:.4f} → {summary['last_loss']:.4f}" if "last_loss" in summary else "")
-          + (f"; eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""))
+          + (f"; eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else "")
+          + (f"; eval reward accuracy {summary['eval_reward_accuracy']:.1%}" if "eval_reward_accuracy" in summary
+             else ""))
     return 0
 
 

@@ -18,6 +18,8 @@ from ..options import SEED_MAX, OptionsError, check_ranges, opt
 
 TUTORIAL_TARGETS = ["token_embeddings", "qkv_proj", "out_proj", "proj_1", "proj_2"]
 METHODS = ("lora", "dora", "full")
+#: Preference tuning on TRL's trainers (elmtune.training.preference); --tune says which weights they train.
+PREFERENCE_METHODS = ("dpo", "orpo")
 ATTENTION_CHOICES = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
@@ -53,8 +55,18 @@ class TrainOptions(DataOptions):
                               "plots go", short="-o")
     method: str = opt("lora", "what is trained: lora (low-rank adapters on --lora-targets, the tutorial's), dora "
                               "(weight-decomposed LoRA) or full (the model's own weights, held in fp32 and trained "
-                              "under bf16/fp16 autocast; the output is a complete model in Apple's layout)",
-                      choices=METHODS)
+                              "under bf16/fp16 autocast; the output is a complete model in Apple's layout); dpo or "
+                              "orpo: preference tuning on prompt/chosen/rejected records (needs "
+                              "'elmtune[preference]'), training what --tune says",
+                      choices=(*METHODS, *PREFERENCE_METHODS))
+    tune: str = opt("lora", "with --method dpo/orpo: what is trained: lora (the default; DPO's reference is the base "
+                            "with the adapter disabled), dora, or full (DPO keeps a second, frozen copy of the model "
+                            "as its reference)", choices=METHODS)
+    beta: float = opt(0.1, "with --method dpo: the KL penalty β (how far the policy may move from the reference); "
+                           "with --method orpo: the weight λ of the odds-ratio term", above=0)
+    init_adapter: str | None = opt(None, "with --method dpo/orpo and --tune lora/dora: start from this adapter (an "
+                                         "`elmtune train` output, e.g. a supervised one) instead of a new one; its "
+                                         "base model must be --model. DPO's reference is then that adapter, frozen")
     trainable: list[str] = opt([], "with --method full: which parameters train, as fnmatch patterns on parameter "
                                    "names (e.g. 'transformer.layers.*'; repeat the flag); a pattern starting with "
                                    "'!' freezes what it matches (e.g. '!transformer.token_embeddings.*', the "
@@ -132,17 +144,34 @@ class TrainOptions(DataOptions):
         check_ranges(self)  # the ranges declared above, for options built in Python rather than resolved
         if self.max_steps <= 0 and self.epochs <= 0:
             raise OptionsError("option 'epochs' must be positive unless 'max_steps' is set")
-        if self.use_dora:  # the older flag, kept as an alias of --method dora
-            if self.method == "full":
+        preference = self.method in PREFERENCE_METHODS
+        if not preference and self.tune != "lora":
+            raise OptionsError(f"--tune chooses what --method dpo/orpo trains; for supervised training use --method "
+                               f"{self.tune}")
+        if not preference and self.init_adapter:
+            raise OptionsError("--init-adapter starts preference tuning (--method dpo/orpo) from an adapter")
+        if self.use_dora:  # the older flag, kept as an alias of --method dora (of --tune dora under dpo/orpo)
+            if (self.tune if preference else self.method) == "full":
                 raise OptionsError("--use-dora means --method dora; it cannot be combined with --method full")
-            self.method = "dora"
+            if preference:
+                self.tune = "dora"
+            else:
+                self.method = "dora"
         # An input alias only: written back as false, so that a saved config.yaml read with --config or --resume
         # cannot turn a --method given on the command line back into dora.
         self.use_dora = False
-        if self.method == "full":
+        if preference and self.tune == "full" and self.init_adapter:
+            raise OptionsError("--init-adapter starts from a LoRA adapter: use it with --tune lora or dora (to "
+                               "preference-tune a full fine-tune, give its output directory as --model)")
+        if self.trained == "full":
             if self.quantize != "none":
                 raise OptionsError("--quantize 4bit trains LoRA adapters on a frozen quantized base; --method full "
                                    "trains the weights themselves and cannot quantize them")
         elif self.trainable:
             raise OptionsError("--trainable chooses the weights --method full trains; LoRA adapts the modules "
                                "named by --lora-targets")
+
+    @property
+    def trained(self) -> str:
+        """What the run trains: lora, dora or full (``--method``, or ``--tune`` under ``--method dpo/orpo``)."""
+        return self.tune if self.method in PREFERENCE_METHODS else self.method

@@ -103,3 +103,37 @@ def plot_losses(metrics_path: Path, png_path: Path) -> bool:
     fig.savefig(png_path)
     plt.close(fig)
     return True
+
+
+def plot_rewards(metrics_path: Path, png_path: Path) -> bool:
+    """Preference runs (DPO, ORPO): reward accuracy and margin against step, training and evaluation, from
+    ``metrics.jsonl`` (TRL's ``rewards/accuracies`` and ``rewards/margins``); False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_path.exists():
+        return False
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    series = {(prefix, key): [(r["step"], r[prefix + "rewards/" + key]) for r in rows if prefix + "rewards/" + key in r]
+              for prefix in ("", "eval_") for key in ("accuracies", "margins")}
+    if not any(series.values()):
+        return False
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), dpi=100, sharex=True)
+    for (prefix, key), points in series.items():
+        if points:
+            axis = top if key == "accuracies" else bottom
+            axis.plot(*zip(*points), "o-" if prefix else "-", label="evaluation" if prefix else "training")
+    top.set_ylabel("reward accuracy (chosen > rejected)")
+    top.set_ylim(-0.02, 1.02)
+    bottom.set_ylabel("reward margin (chosen − rejected)")
+    bottom.set_xlabel("optimizer step")
+    for axis in (top, bottom):
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return True

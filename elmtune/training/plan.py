@@ -11,7 +11,7 @@ from ..data import DataSpec
 from ..device import resolve_precision
 from ..models.loading import build_on_meta, load_config
 from ..tokenizer import load_tokenizer
-from .args import TrainOptions
+from .args import PREFERENCE_METHODS, TrainOptions
 from .checkpointing import selective_unsupported
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -209,6 +209,10 @@ def count_parameters(config, options: TrainOptions) -> tuple[int, int]:
 
 
 def plan_run(options: TrainOptions) -> dict:
+    if options.method in PREFERENCE_METHODS:  # DPO / ORPO: pairs, and the reference model's memory
+        from .preference import plan_preference
+
+        return plan_preference(options)
     from ..device import describe
     from .recipe import DTYPE_OF, check_attention, check_distributed, default_tokenizer, load_data, setup_device
 

@@ -36,7 +36,7 @@ from ..data.collate import PackedCollator
 from ..models.loading import load_config
 from ..options import write_yaml
 from ..tokenizer import Tokenizer, load_tokenizer
-from .args import TrainOptions
+from .args import PREFERENCE_METHODS, TrainOptions
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses
 from .dropout import use_fast_dropout
 from .checkpointing import enable_checkpointing
@@ -54,6 +54,7 @@ METADATA_FILE = "elmtune.json"
 RUN_FILES = ("config.yaml", "adapter_config.json", "metrics.jsonl", "checkpoints")
 # Everything a run writes (and --overwrite removes); other files in the directory are never touched.
 RUN_OUTPUTS = RUN_FILES + ("adapter_model.safetensors", METADATA_FILE, "loss.png", "tensorboard", "README.md",
+                            "rewards.png",  # --method dpo/orpo: reward accuracy and margin
                             # --method full: the model in Apple's layout
                             "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 MODEL_SHARDS = "model-*-of-*.safetensors"  # a sharded full model's weight files
@@ -368,8 +369,10 @@ def _bnb_4bit_config(options: TrainOptions, dtype: torch.dtype):
 
 
 def training_arguments(options: TrainOptions, out: Path, precision: str, has_eval: bool,
-                       device: torch.device | None = None) -> TrainingArguments:
-    """The Trainer's arguments; under torchrun, building them starts the process group."""
+                       device: torch.device | None = None, cls: type = TrainingArguments,
+                       **extra) -> TrainingArguments:
+    """The Trainer's arguments (``cls``: a subclass such as TRL's DPOConfig, given ``extra`` fields and overrides);
+    under torchrun, building them starts the process group."""
     if options.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -378,7 +381,7 @@ def training_arguments(options: TrainOptions, out: Path, precision: str, has_eva
                              "pip install 'elmtune[tensorboard]'") from None
     eval_steps = options.eval_steps or options.save_steps
     cpu = (device.type == "cpu") if device is not None else not torch.cuda.is_available()
-    args = TrainingArguments(
+    args = cls(**{**dict(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=options.batch_size, per_device_eval_batch_size=options.batch_size,
         gradient_accumulation_steps=options.grad_accum, learning_rate=options.lr,
@@ -393,7 +396,7 @@ def training_arguments(options: TrainOptions, out: Path, precision: str, has_eva
         remove_unused_columns=False, disable_tqdm=True,
         include_num_input_tokens_seen="all" if options.packing else "non_padding",  # packed rows hold no padding
         dataloader_num_workers=0, use_cpu=cpu, log_level="warning",
-    )
+    ), **extra})
     return one_gpu_per_process(args)
 
 
@@ -623,10 +626,13 @@ def train(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()) 
     """Run ``elmtune train`` from Python: returns a summary (steps, losses, where the adapter is)."""
     if options.dry_run:
         return plan_run(options)
-    run = setup(options, callbacks)
+    start, end = setup, finish
+    if options.method in PREFERENCE_METHODS:  # DPO / ORPO on TRL's trainers
+        from .preference import finish_preference as end, setup_preference as start
+    run = start(options, callbacks)
     try:
         run.trainer.train(resume_from_checkpoint=run.resume_from)
-        return finish(run)
+        return end(run)
     finally:
         run.close()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
