@@ -1,11 +1,20 @@
 """Shared fixtures (helpers live in ``tests/helpers.py``), and the ``gpu`` marker's skip on machines without CUDA."""
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import shared_path
+
+# elmtune caches what it measures about this machine (elmtune.hardware); tests measure into a folder of their own
+# (subprocesses inherit it) and never read or fill the user's cache.
+os.environ["ELMTUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="elmtune-test-cache-")
+atexit.register(shutil.rmtree, os.environ["ELMTUNE_CACHE_DIR"], True)
 
 
 def pytest_collection_modifyitems(config, items):

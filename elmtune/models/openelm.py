@@ -21,6 +21,7 @@ Shapes in comments: b = batch, s = new tokens, t = cached + new tokens, h = head
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
@@ -185,6 +186,45 @@ def packed_sdpa_path(query: torch.Tensor) -> str:
     return "mask"
 
 
+#: Forces :func:`cpu_attention_in_fp32`'s answer (tests use it); None measures.
+CPU_ATTENTION_IN_FP32: bool | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_attention_in_fp32(dtype: torch.dtype, query_heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether packed attention on this CPU should attend 16-bit inputs in fp32 (cast up, attend, cast back).
+
+    Measured once per machine and shape (:func:`elmtune.hardware.measured`, cached): causal SDPA forward and
+    backward over two 192-token documents, in ``dtype`` and in fp32 with the casts, and the faster one is used.
+    Where probing is off (``ELMTUNE_PROBE=0``) fp32 is used: it rounds less.
+    """
+    if CPU_ATTENTION_IN_FP32 is not None:
+        return CPU_ATTENTION_IN_FP32
+    from ..hardware import best_times, measured
+
+    def measure() -> dict:
+        generator = torch.Generator().manual_seed(0)
+        shapes = ((1, query_heads, 384, head_dim), (1, kv_heads, 384, head_dim), (1, kv_heads, 384, head_dim))
+        inputs = [torch.randn(shape, generator=generator).to(dtype).requires_grad_() for shape in shapes]
+
+        def attend(upcast: bool):
+            def run():
+                with torch.autocast("cpu", enabled=False):
+                    outs = [F.scaled_dot_product_attention(*((x.float() if upcast else x) for x in qkv), is_causal=True,
+                                                           enable_gqa=True)
+                            for qkv in zip(*(x.split(192, 2) for x in inputs))]
+                    torch.cat(outs, 2).to(dtype).sum().backward()
+            return run
+
+        times = best_times({"fp32": attend(True), "native": attend(False)}, repeats=2)
+        return {"fp32_s": round(times["fp32"], 5), f"{dtype}_s".replace("torch.", ""): round(times["native"], 5),
+                "fp32": times["fp32"] <= times["native"]}
+
+    inputs = {"dtype": str(dtype), "query_heads": query_heads, "kv_heads": kv_heads, "head_dim": head_dim}
+    result = measured("cpu-attention-precision", inputs, measure)
+    return True if result is None else bool(result["fp32"])
+
+
 def packed_sdpa_attention(module: nn.Module | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           document_bounds: list[int], scaling: float, cu_seq_lens: torch.Tensor | None = None):
     """Causal attention inside each document of one packed row: ``[1, h, t, d]`` → ``[1, t, h, d]``.
@@ -194,9 +234,10 @@ def packed_sdpa_attention(module: nn.Module | None, query: torch.Tensor, key: to
     GQA (:func:`packed_sdpa_path` picks one):
 
     * "loop": one small causal SDPA call per document on ``split`` views (their backward is one ``cat``, not a
-      zero-filled full-size gradient per slice); no ``t × t`` mask.  On CPU, 16-bit inputs are attended in fp32:
-      PyTorch's CPU flash-attention backward runs about 3× faster in fp32 than in bf16 here (0.7 s against 2.4 s
-      per step of the 270M bench), and rounds less; the output is cast back.
+      zero-filled full-size gradient per slice); no ``t × t`` mask.  On CPU, 16-bit inputs are attended in fp32
+      (the output cast back) where that is measured faster on this machine (:func:`cpu_attention_in_fp32`): on
+      an AVX-512 CPU without AMX PyTorch's CPU flash-attention backward ran ~3× faster in fp32 than in bf16, and
+      on an AVX2-only CPU ~2.6×; CPUs with AMX-BF16 have fast bf16 kernels.
     * "varlen": one ``torch.nn.attention.varlen.varlen_attn`` (flash) call over the ``[t, h, d]`` tokens.
     * "mask": one SDPA call under a ``[t, t]`` boolean mask, causal within a document and closed across them.
     """
@@ -209,7 +250,8 @@ def packed_sdpa_attention(module: nn.Module | None, query: torch.Tensor, key: to
         # window (-1, 0) is varlen_attn's causal mode
         return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max(sizes), max(sizes), scale=scaling,
                            window_size=(-1, 0), enable_gqa=True)[None]
-    upcast = query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    upcast = (query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+              and cpu_attention_in_fp32(dtype, query.shape[1], key.shape[1], query.shape[-1]))
     if upcast:
         query, key, value = query.float(), key.float(), value.float()
     # CPU autocast lists SDPA among the ops it runs in bf16: it would cast the fp32 inputs straight back.

@@ -208,3 +208,53 @@ def test_the_mask_check_rejects_masks_that_let_documents_mix():
     causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
     assert not blocks_every_other_document(causal) and not blocks_every_other_document(None)
     assert blocks_every_other_document(causal & (DOCUMENT[:, None] == DOCUMENT[None, :]))
+
+
+@pytest.mark.parametrize("in_fp32", [True, False])
+def test_cpu_packed_attention_in_bf16_either_way_matches_fp32(monkeypatch, in_fp32):
+    """Both precisions packed attention may take for bf16 inputs on a CPU (chosen by a measured probe) give the fp32
+    reference's outputs and input gradients to bf16's rounding."""
+    monkeypatch.setattr(openelm, "CPU_ATTENTION_IN_FP32", in_fp32)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, 19, 16, generator=generator) for heads in (4, 2, 2))
+
+    def attend(dtype):
+        inputs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        out = openelm.packed_sdpa_attention(None, *inputs, BOUNDS, 0.25)
+        (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out.float(), [x.grad.float() for x in inputs]
+
+    reference, reference_grads = attend(torch.float32)
+    out, grads = attend(torch.bfloat16)
+    torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected, rtol=3e-2, atol=3e-2)
+
+
+def test_cpu_attention_precision_follows_the_measurement(monkeypatch):
+    import elmtune.hardware as hardware
+
+    openelm.cpu_attention_in_fp32.cache_clear()
+    seen = []
+    for faster in (True, False):
+        monkeypatch.setattr(hardware, "measured", lambda name, inputs, measure, device="cpu", faster=faster: (
+            seen.append((name, inputs)) or {"fp32": faster}))
+        openelm.cpu_attention_in_fp32.cache_clear()
+        assert openelm.cpu_attention_in_fp32(torch.bfloat16, 12, 3, 64) is faster
+    assert seen[0] == ("cpu-attention-precision", {"dtype": "torch.bfloat16", "query_heads": 12, "kv_heads": 3,
+                                                   "head_dim": 64})
+    monkeypatch.setattr(hardware, "measured", lambda *a, **k: None)  # probing off: fp32, which rounds less
+    openelm.cpu_attention_in_fp32.cache_clear()
+    assert openelm.cpu_attention_in_fp32(torch.bfloat16, 12, 3, 64) is True
+    openelm.cpu_attention_in_fp32.cache_clear()
+
+
+def test_the_cpu_attention_probe_measures_both_precisions(tmp_path, monkeypatch):
+    monkeypatch.setenv("ELMTUNE_CACHE_DIR", str(tmp_path))
+    openelm.cpu_attention_in_fp32.cache_clear()
+    choice = openelm.cpu_attention_in_fp32(torch.bfloat16, 2, 1, 8)
+    (file,) = (tmp_path / "probes").glob("cpu-attention-precision-*.json")
+    result = __import__("json").loads(file.read_text())["result"]
+    assert result["fp32_s"] > 0 and result["bfloat16_s"] > 0
+    assert choice == (result["fp32_s"] <= result["bfloat16_s"]) == result["fp32"]
+    openelm.cpu_attention_in_fp32.cache_clear()
