@@ -22,11 +22,13 @@ recognised, and ``full`` is used instead (:func:`selective_unsupported`).
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 MODES = ("off", "on", "full")
 #: Frozen projections whose outputs ``on`` keeps (suffixes of module names, as in Apple's checkpoints).
@@ -101,6 +103,100 @@ def enable_checkpointing(model: nn.Module, mode: str) -> None:
     base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
 
+#: How much faster (relative) a mode that recomputes more must measure to be preferred over one that keeps more.
+MARGIN = 0.05
+
+
+def probe_layer(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s middle decoder layer as it trains (LoRA, fused forward, dropout …), for :func:`measure_modes`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError("no decoder layer found to measure")
+    return copy.deepcopy(layers[len(layers) // 2]).train()
+
+
+def measure_modes(layer: nn.Module, lengths: list[int], dtype: torch.dtype, device: torch.device, config,
+                  modes: tuple[str, ...] = MODES, repeats: int = 1) -> dict[str, float]:
+    """Seconds for forward + backward of ``layer`` on one packed row of documents of ``lengths`` tokens, under
+    each of ``modes`` (the fastest of ``repeats`` after a warm-up, the modes' runs interleaved), in ``dtype``
+    under autocast as the Trainer runs it."""
+    from ..hardware import best_times
+    from ..models.openelm import rotary_cos_sin
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, sum(lengths), config.model_dim, generator=generator).to(device=device, dtype=dtype)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    rotary = rotary_cos_sin(positions, config.head_dim, config.rope_freq_constant)
+    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    # What OpenELMModel hands every layer for a packed row under SDPA (see its forward)
+    kwargs = dict(position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
+                  max_length_k=max(lengths), document_bounds=bounds)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def run(mode: str):
+        def step():
+            layer.gradient_checkpointing = mode != "off"
+            if mode != "off":
+                extra = {"context_fn": SelectivePolicy(layer)} if mode == "on" else {}
+                layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False, **extra)
+            x = hidden.detach().requires_grad_()
+            with autocast:
+                out = layer(x, rotary, attention_mask=None, cache=None, **dict(kwargs))
+            out.float().sum().backward()
+            layer.zero_grad(set_to_none=True)
+        return step
+
+    return best_times({mode: run(mode) for mode in modes}, repeats=repeats, device=device)
+
+
+#: Tokens in the probe's packed row (documents of the run's median length): enough for the matmuls to dominate
+#: as in training, small enough to take seconds (one layer, two modes, a warm-up and a timed run each).
+PROBE_TOKENS = 512
+
+
+def measured_modes(model: nn.Module, median_length: int, dtype: torch.dtype, device: torch.device,
+                   modes: tuple[str, ...] = ("on", "full")) -> dict | None:
+    """:func:`measure_modes` on a copy of ``model``'s middle layer, cached per machine
+    (:func:`elmtune.hardware.measured`): ``{mode: seconds}``, or None where probing is off."""
+    from ..hardware import measured
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    step = 32  # documents' length rounded, so that runs on similar data share the measurement
+    length = min(PROBE_TOKENS, max(step, round(median_length / step) * step))
+    lengths = [length] * max(1, PROBE_TOKENS // length)
+    layer = probe_layer(model)
+    adapters = sorted({f"{type(m).__name__}:{dict(getattr(m, 'r', {}))}" for m in layer.modules() if hasattr(m, "lora_A")})
+    inputs = {"shapes": sorted(tuple(p.shape) for p in layer.parameters()), "head_dim": config.head_dim,
+              "trainable": sum(p.numel() for p in layer.parameters() if p.requires_grad), "adapters": adapters,
+              "dtype": str(dtype), "lengths": lengths, "modes": list(modes)}
+
+    def measure() -> dict:
+        times = measure_modes(layer, lengths, dtype, device, config, modes)
+        return {mode: round(t, 5) for mode, t in times.items()}
+
+    return measured("checkpointing-modes", inputs, measure, device)
+
+
+def fastest_mode(times: dict[str, float], allowed: tuple[str, ...]) -> str:
+    """Of ``allowed`` modes (ordered from most kept to least), the fastest by ``times``.
+
+    Selective is kept only where it measured faster than ``full`` (it holds more memory than ``full``); otherwise a
+    mode that recomputes more is taken only when it measured more than :data:`MARGIN` faster than the one before it
+    (so noise never trades memory-kept speed away).
+    """
+    candidates = list(allowed)
+    if "on" in candidates and "full" in candidates and times["on"] >= times["full"]:
+        candidates.remove("on")
+    best = candidates[0]
+    for mode in candidates[1:]:
+        if times[mode] < times[best] * (1 - MARGIN):
+            best = mode
+    return best
+
+
 def checkpointing_mode(model: nn.Module) -> str:
     """The mode ``model``'s layers run in (as set by :func:`enable_checkpointing`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -111,3 +207,16 @@ def checkpointing_mode(model: nn.Module) -> str:
     func = layers[0]._gradient_checkpointing_func
     context = func.keywords.get("context_fn") if isinstance(func, functools.partial) else None
     return "on" if isinstance(context, SelectivePolicy) else "full"
+
+
+def settle_selective(model: nn.Module, median_length: int, dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
+    """For a model set to ``on``: keep selective checkpointing where it measured faster than ``full`` on this
+    machine (:func:`measured_modes`), else switch ``model`` to ``full``.  Returns the mode and what was measured."""
+    times = measured_modes(model, median_length, dtype, device)
+    if times is None:
+        return "on", "selective, not measured (ELMTUNE_PROBE=0)"
+    mode = fastest_mode(times, ("on", "full"))
+    if mode == "full":
+        enable_checkpointing(model, "full")
+    measured = f"one layer measured here: selective {times['on']:.3g} s, full {times['full']:.3g} s"
+    return mode, measured + ("" if mode == "on" else ": selective does not pay on this machine, full is used")

@@ -39,7 +39,7 @@ from ..tokenizer import Tokenizer, load_tokenizer
 from .args import PREFERENCE_METHODS, TrainOptions
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses
 from .dropout import use_fast_dropout
-from .checkpointing import enable_checkpointing
+from .checkpointing import enable_checkpointing, settle_selective
 from .full import set_trainable
 from .fused_lora import use_fused_lora
 from .plan import (count_parameters, count_steps, decide_checkpointing, estimate_disk, lora_config, plan_run,
@@ -553,9 +553,13 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
     longest = max(len(e.input_ids) for e in train_examples)
     checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, longest, precision,
                                               device)
+    model = build_model(options, dtype, checkpointing, device)
+    if checkpointing == "on":  # selective only where it beats full on this machine (measured once, cached)
+        median = sorted(len(e.input_ids) for e in train_examples)[len(train_examples) // 2]
+        checkpointing, measured = settle_selective(model, median, dtype, device)
+        why = f"{why}; {measured}"
     overridden = options.gradient_checkpointing not in ("auto", checkpointing)
     (log.warning if overridden else log.info)("gradient checkpointing %s (%s)", checkpointing, why)
-    model = build_model(options, dtype, checkpointing, device)
     run.stop = GracefulStop()
     guard = NonFiniteGuard(options.nan_policy, out / "checkpoints")
     run.trainer = AtomicCheckpointTrainer(

@@ -128,3 +128,55 @@ def test_selective_falls_back_to_full_where_it_would_keep_nothing(monkeypatch):
                                      270_000_000, 10_000_000, 384, "bf16")[0] == "on"
     assert plan.decide_checkpointing(TrainOptions(gradient_checkpointing="auto", batch_size=8, quantize="4bit"),
                                      config, 270_000_000, 10_000_000, 384, "bf16")[0] == "full"
+
+
+def test_selective_is_kept_only_where_it_measures_faster_than_full():
+    from elmtune.training.checkpointing import fastest_mode
+
+    assert fastest_mode({"on": 1.0, "full": 1.2}, ("on", "full")) == "on"
+    assert fastest_mode({"on": 1.2, "full": 1.0}, ("on", "full")) == "full"  # selective slower: full instead
+    assert fastest_mode({"on": 1.0, "full": 1.0}, ("on", "full")) == "full"  # a tie: full, which keeps less
+    # keeping everything wins unless recomputing measures clearly (MARGIN) faster
+    assert fastest_mode({"off": 1.0, "on": 0.98, "full": 1.3}, ("off", "on", "full")) == "off"
+    assert fastest_mode({"off": 1.0, "on": 1.3, "full": 0.9}, ("off", "on", "full")) == "full"
+
+
+def test_the_probe_measures_each_mode_on_a_copy_of_a_layer():
+    from elmtune.training.checkpointing import measure_modes, probe_layer
+
+    model = lora_model("on")
+    layer = probe_layer(model)
+    real = model.get_base_model().transformer.layers[len(model.get_base_model().transformer.layers) // 2]
+    assert layer is not real and type(layer) is type(real)
+    times = measure_modes(layer, [7, 5], torch.float32, torch.device("cpu"), model.get_base_model().config)
+    assert set(times) == {"off", "on", "full"} and all(t > 0 for t in times.values())
+    assert all(p.grad is None for p in model.parameters())  # the model being trained is not touched
+    assert checkpointing_mode(model) == "on"
+
+
+@pytest.mark.parametrize("faster, expected", [("on", "on"), ("full", "full")])
+def test_on_falls_back_to_full_where_full_measured_faster(monkeypatch, faster, expected):
+    """``--gradient-checkpointing on`` runs selective only where it beat full in this machine's measurement."""
+    from elmtune.training import checkpointing
+
+    times = {"on": 1.0, "full": 2.0} if faster == "on" else {"on": 2.0, "full": 1.0}
+    monkeypatch.setattr(checkpointing, "measured_modes", lambda *a, **k: times)
+    model = lora_model("on")
+    mode, why = checkpointing.settle_selective(model, 16, torch.float32, torch.device("cpu"))
+    assert mode == expected == checkpointing_mode(model)
+    assert "selective 1" in why or "selective 2" in why
+    monkeypatch.setattr(checkpointing, "measured_modes", lambda *a, **k: None)  # probing off: selective as asked
+    model = lora_model("on")
+    assert checkpointing.settle_selective(model, 16, torch.float32, torch.device("cpu"))[0] == "on"
+
+
+def test_the_measurement_is_cached_per_machine(tmp_path, monkeypatch):
+    from elmtune.training import checkpointing
+
+    monkeypatch.setenv("ELMTUNE_CACHE_DIR", str(tmp_path))
+    model = lora_model("on")
+    first = checkpointing.measured_modes(model, 6, torch.float32, torch.device("cpu"))
+    assert set(first) == {"on", "full"} and all(t > 0 for t in first.values())
+    monkeypatch.setattr(checkpointing, "measure_modes", lambda *a, **k: pytest.fail("measured again"))
+    assert checkpointing.measured_modes(model, 6, torch.float32, torch.device("cpu")) == first
+    assert len(list((tmp_path / "probes").glob("checkpointing-modes-*.json"))) == 1

@@ -243,3 +243,25 @@ def test_offline_hub_id_says_how_to_download(tmp_path, monkeypatch):
 
     with pytest.raises(HubError, match=r"could not download .* `hf download apple/OpenELM-270M --local-dir DIR`"):
         train(TrainOptions(model="apple/OpenELM-270M", tokenizer="x", data=["y"], output_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("asked", ["on", "auto"])
+def test_selective_checkpointing_is_used_only_where_measured_faster_than_full(tiny_run, tmp_path, monkeypatch, asked):
+    """``on`` (or ``auto`` when only checkpointing fits) measures selective against full on this machine and trains
+    with the faster; the reason names the measurement."""
+    from elmtune.training import checkpointing, plan
+    from elmtune.training.checkpointing import checkpointing_mode
+
+    model_dir, data = tiny_run
+    if asked == "auto":  # memory for selective but not for keeping everything
+        def fits_only_checkpointing(config, n_params, n_trainable, tokens, precision, mode, *rest, **extra):
+            return {"total": {"off": 10 << 30, "on": 1 << 20, "full": 1 << 19}[mode]}
+        monkeypatch.setattr(plan, "estimate_memory", fits_only_checkpointing)
+        monkeypatch.setattr(plan, "available_memory", lambda device=None: 1 << 30)
+    for times, expected in (({"on": 1.0, "full": 2.0}, "on"), ({"on": 2.0, "full": 1.0}, "full")):
+        monkeypatch.setattr(checkpointing, "measured_modes", lambda *a, times=times, **k: times)
+        run = setup(options(model_dir, data, tmp_path / f"{asked}-{expected}", gradient_checkpointing=asked))
+        try:
+            assert checkpointing_mode(run.model) == expected
+        finally:
+            run.close()
