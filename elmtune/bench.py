@@ -58,8 +58,10 @@ class BenchTrainOptions:
     batch_size: int = opt(8, "examples per micro-batch (the tutorial's 8)", minimum=1)
     grad_accum: int = opt(2, "micro-batches per step (the tutorial uses 4; fewer keeps the bench short)",
                          minimum=1)
-    precision: str = opt("bf16", "bf16 (the tutorial's), fp16 (GPUs before Ampere) or fp32",
-                         choices=("bf16", "fp16", "fp32"))
+    precision: str = opt("auto", "the precision of both paths. auto: the device's native one, as `elmtune train` "
+                         "picks it — bf16 (the tutorial's) on GPUs from Ampere on and on CPUs with AVX-512-BF16 or "
+                         "AMX, fp16 on older GPUs, fp32 on other CPUs (their bf16 matmuls run in software: ~100x "
+                         "slower than fp32 on an AVX2 CPU)", choices=("auto", "bf16", "fp16", "fp32"))
     device: str = opt("auto", "where to train: auto (the GPU if there is one), cuda, mps or cpu",
                       choices=("auto", "cuda", "mps", "cpu"))
     paths: list[str] = opt(list(PATHS), "which paths to run (repeatable)")
@@ -179,12 +181,20 @@ def bench_train(options: BenchTrainOptions) -> dict:
             else:
                 options.data = str(tmp / "generated.json")
                 _generated_records(Path(options.data))
-        from .device import DTYPES, pick_device
+        from .device import DTYPES, pick_device, resolve_precision
 
         if options.tokenizer and not Path(options.tokenizer).exists():
             raise ValueError(f"--tokenizer {options.tokenizer}: not found (the bench reads the Llama-2 tokenizer from "
                              "../shared, or ELMTUNE_SHARED, by default; pass --tokenizer DIR)")
         device = pick_device(options.device)
+        options.precision = resolve_precision(options.precision, device)  # one precision for every path
+        if device.type == "cpu" and options.precision == "bf16":
+            from .hardware import cpu_info
+
+            if not cpu_info().bf16_features:
+                print(f"[bench] note: {cpu_info().model} has no bf16 instructions (AVX-512-BF16, AMX-BF16): bf16 "
+                      "matmuls run in software here, many times slower than fp32 (--precision auto picks fp32)",
+                      flush=True)
         peak_flops = matmul_peak(DTYPES[options.precision], device)
         results = {}
         for name in options.paths:
@@ -201,6 +211,7 @@ def bench_train(options: BenchTrainOptions) -> dict:
 
 def report(results: dict, peak_flops: float, options: BenchTrainOptions, device: torch.device) -> None:
     from .device import describe
+    from .hardware import cpu_info
 
     ref = results.get("tutorial")
     where = describe(device, torch.float32).rsplit(",", 1)[0]
@@ -208,6 +219,7 @@ def report(results: dict, peak_flops: float, options: BenchTrainOptions, device:
     print(f"\nbench train: {options.model} on {where}, {options.precision}, batch {options.batch_size} × accumulation "
           f"{options.grad_accum}, {options.steps - 1} timed steps; matmul peak {peak_flops / 1e12:.3f} TFLOP/s "
           f"(measured now{threads})")
+    print(f"CPU: {cpu_info().describe()}")
     print(f"{'path':19} {'sup tok/s':>10} {'ratio':>6} {'tok/s':>8} {'pad %':>6} {'peak GiB':>9} {'ratio':>6} "
           f"{'loss':>8} {'MFU':>6} {'ckpt':>5}")
     for name, r in results.items():
