@@ -212,6 +212,24 @@ def test_dpo_resumes_to_the_same_adapter_with_selective_checkpointing(tmp_path):
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def test_a_non_finite_dpo_loss_stops_the_run_before_it_reaches_the_weights(tmp_path):
+    from elmtune.training.preference import setup_preference
+    from elmtune.training.safety import NonFiniteError
+    from tests.training.test_safety import poison_step
+
+    base = save_tiny_base(tmp_path / "base")
+    data = write_jsonl(tmp_path / "train.jsonl", rule_pairs(32, seed=0))
+    run = setup_preference(options(base, data, tmp_path / "nan", max_steps=4, save_steps=2))
+    poison_step(run, 3)
+    try:
+        with pytest.raises(NonFiniteError, match=r"step 3: .*last good checkpoint is .*checkpoint-2"):
+            run.trainer.train()
+        assert run.trainer.state.global_step == 2
+        assert all(torch.isfinite(p).all() for p in run.model.parameters())
+    finally:
+        run.close()
+
+
 def test_dpo_full_fine_tune_keeps_a_reference_copy_and_saves_a_model(tmp_path):
     from elmtune.inference import load_pipeline
 
