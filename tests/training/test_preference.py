@@ -151,6 +151,28 @@ def test_orpo_runs_end_to_end(tmp_path):
     assert completion.output.strip()
 
 
+@pytest.mark.slow  # ~7 s; tests/data/test_preference.py checks the same ids against render_prompt without training
+def test_dpo_on_conversations_renders_prompts_as_chat_inference_does(tmp_path):
+    from elmtune.data import DataSpec
+    from elmtune.data.preference import load_pairs
+    from elmtune.inference import load_pipeline
+    from tests.helpers import WORD_CHAT_TEMPLATE
+
+    base = save_tiny_base(tmp_path / "base")
+    records = [{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": p["prompt"]}],
+                "chosen": p["chosen"], "rejected": p["rejected"]} for p in rule_pairs(16, seed=0)]
+    data = write_jsonl(tmp_path / "chat.jsonl", records)
+    out = tmp_path / "dpo"
+    train(options(base, data, out, chat_template=WORD_CHAT_TEMPLATE, max_steps=2))
+    meta = json.loads((out / "elmtune.json").read_text())
+    assert meta["formats"] == {"messages": 16} and meta["chat_template"]["source"] == WORD_CHAT_TEMPLATE
+    pipeline = load_pipeline(adapter=str(out), dtype="fp32", device="cpu")
+    pairs, _ = load_pairs([data], pipeline.tokenizer, DataSpec.parse("{instruction}", "en", 32, "auto",
+                                                                      WORD_CHAT_TEMPLATE))
+    for record, pair in zip(records, pairs):  # the tokens training put before each answer are what chat feeds
+        assert pipeline.chat_prompt(record["messages"]).input_ids == pair.prompt_ids
+
+
 def test_dpo_from_a_supervised_adapter_keeps_it_as_the_frozen_reference(tmp_path):
     from peft import PeftModel
 
