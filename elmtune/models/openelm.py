@@ -36,11 +36,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 
 from .configuration_openelm import OpenELMConfig
-from .decode import single_query_attention
-
-#: Decode steps (one new token per row) under SDPA or eager attention use :func:`single_query_attention`; False
-#: sends them through the attention interface like any other forward (the reference the tests compare against).
-SINGLE_QUERY_ATTENTION = True
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -308,8 +303,6 @@ class OpenELMMultiHeadCausalAttention(nn.Module):
         bounds = kwargs.pop("document_bounds", None)
         if bounds is not None:  # a packed row under SDPA
             out = packed_sdpa_attention(self, query, key, value, bounds, self.scaling, kwargs.get("cu_seq_lens_q"))
-        elif s == 1 and SINGLE_QUERY_ATTENTION and self.config._attn_implementation in ("sdpa", "eager"):
-            out = single_query_attention(query, key, value, attention_mask, self.scaling)  # a decode step
         else:
             attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
             out, _ = attention(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)

@@ -1,5 +1,5 @@
-"""The fast decode path (preallocated KV cache, single-query attention) against the reference path (dynamic cache,
-every step through the attention interface): same greedy tokens, logits equal to rounding."""
+"""The preallocated KV cache against the reference path (a dynamic cache): same greedy tokens, logits equal to
+rounding."""
 
 from __future__ import annotations
 
@@ -7,22 +7,16 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from elmtune.models import openelm
-from elmtune.models.decode import PreallocatedCache, PreallocatedLayer, single_query_attention
+from elmtune.models.decode import PreallocatedCache, PreallocatedLayer
 from tests.helpers import tiny_model
 
 
 def _generate(model, ids, mask, fast: bool, reserve: int | None = None, new_tokens: int = 12):
-    before = openelm.SINGLE_QUERY_ATTENTION
-    openelm.SINGLE_QUERY_ATTENTION = fast
-    try:
-        cache = (PreallocatedCache(model.config, reserve=ids.shape[1] + new_tokens if reserve is None else reserve)
-                 if fast else DynamicCache(config=model.config))
-        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=2,
-                             output_logits=True, return_dict_in_generate=True)
-    finally:
-        openelm.SINGLE_QUERY_ATTENTION = before
+    cache = (PreallocatedCache(model.config, reserve=ids.shape[1] + new_tokens if reserve is None else reserve)
+             if fast else DynamicCache(config=model.config))
+    out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=2,
+                         output_logits=True, return_dict_in_generate=True)
     return out.sequences, torch.stack(out.logits, 1), cache
 
 
@@ -46,20 +40,6 @@ def test_fast_decode_matches_the_reference_path(implementation, reserve):
     assert cache.get_seq_length() == ids.shape[1] + 12 - 1  # the last token is never fed back
     if reserve is None:  # the room reserved at the first update was enough: no reallocation
         assert cache.layers[0]._keys.shape[-2] == ids.shape[1] + 12
-
-
-def test_single_query_attention_equals_sdpa_with_gqa_and_a_padding_mask():
-    generator = torch.Generator().manual_seed(0)
-    query = torch.randn(3, 6, 1, 16, generator=generator)
-    key, value = (torch.randn(3, 2, 9, 16, generator=generator) for _ in range(2))
-    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
-    mask[1, ..., :4] = False  # row 1 is left-padded by 4
-    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True,
-                                                                scale=0.25).transpose(1, 2)
-    torch.testing.assert_close(single_query_attention(query, key, value, mask, 0.25), expected)
-    torch.testing.assert_close(single_query_attention(query, key, value, None, 0.25),
-                               torch.nn.functional.scaled_dot_product_attention(
-                                   query, key, value, enable_gqa=True, scale=0.25).transpose(1, 2))
 
 
 def test_preallocated_layer_writes_in_place_and_takes_assigned_tensors():
