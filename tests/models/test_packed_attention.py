@@ -256,5 +256,5 @@ def test_the_cpu_attention_probe_measures_both_precisions(tmp_path, monkeypatch)
     (file,) = (tmp_path / "probes").glob("cpu-attention-precision-*.json")
     result = __import__("json").loads(file.read_text())["result"]
     assert result["fp32_s"] > 0 and result["bfloat16_s"] > 0
-    assert choice == (result["fp32_s"] <= result["bfloat16_s"]) == result["fp32"]
+    assert choice == (result["bfloat16_s"] >= (1 - openelm.NATIVE_MARGIN) * result["fp32_s"]) == result["fp32"]
     openelm.cpu_attention_in_fp32.cache_clear()
