@@ -606,12 +606,12 @@ def finish(run: Run) -> dict:
 def save_full_model(run: Run, max_shard_size: str = "2GB") -> None:
     """A full fine-tune's output: the model in Apple's layout (config with Apple's keys, sharded fp32
     safetensors), the tokenizer and ``elmtune.json`` (recording the method), all moved into the output directory
-    at once (:func:`~.safety.save_atomically`).  Called on every process: under FSDP the weights are gathered
-    from their shards first."""
+    at once (:func:`~.safety.save_atomically`).  Called on every process: under FSDP and DeepSpeed the fp32
+    weights are gathered first (:func:`full_state_dict`)."""
     from ..merge import save_apple_checkpoint
 
     trainer, out = run.trainer, run.output_dir
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
+    state_dict = full_state_dict(run)
     if not trainer.is_world_process_zero():
         return
     meta_path = out / METADATA_FILE
@@ -624,6 +624,38 @@ def save_full_model(run: Run, max_shard_size: str = "2GB") -> None:
         (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
     save_atomically(out, write)
+
+
+def full_state_dict(run: Run) -> dict | None:
+    """The weights a full fine-tune saves, whole and in fp32, when the module itself does not hold them; None when
+    it does (one process, DDP).  Called on every process: gathering is collective.
+
+    * FSDP: accelerate gathers the shards (onto rank 0's CPU).
+    * DeepSpeed: with bf16/fp16 enabled DeepSpeed casts the module to 16 bits and keeps the fp32 master weights in
+      ZeRO's optimizer partitions; saving the module would round every update to 16 bits.  Each trained weight is
+      gathered from its fp32 master (``deepspeed.utils.safe_get_full_fp32_param``); a frozen one has no master and
+      never changed, so its exact fp32 value is read back from the starting model.
+    """
+    trainer = run.trainer
+    if trainer.is_fsdp_enabled:
+        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not trainer.is_deepspeed_enabled:
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    model = trainer.model
+    masters = {name: safe_get_full_fp32_param(p) for name, p in model.named_parameters() if p.requires_grad}
+    if not trainer.is_world_process_zero():
+        return None
+    state_dict = {name: tensor.detach().to("cpu", torch.float32) for name, tensor in model.state_dict().items()}
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen and any(p.dtype != torch.float32 for p in model.parameters()):
+        from ..models.loading import load_model
+
+        start = load_model(run.options.model, dtype=torch.float32, seed=run.options.seed).state_dict()
+        state_dict.update({name: start[name] for name in frozen})
+    state_dict.update({name: master.detach().to("cpu", torch.float32) for name, master in masters.items()})
+    return state_dict
 
 
 def train(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()) -> dict:

@@ -4,7 +4,8 @@
   memory, and a process without a GPU of its own is refused; the processes agree on the memory figure;
 * ``--precision auto`` is bf16 from compute capability 8.0 and fp16 before it (bf16 is emulated there);
 * several GPUs without torchrun: one GPU, never ``nn.DataParallel``;
-* DeepSpeed: the loss is checked before backward (its engine steps inside backward), skip-step is refused;
+* DeepSpeed: the loss is checked before backward (its engine steps inside backward), skip-step is refused, a full
+  fine-tune saves the fp32 master weights;
 * QLoRA computes and stores its 4-bit weights in the training dtype, and keeps the embedding/head there;
 * attention implementations that cannot train here are refused in one line.
 """
@@ -195,6 +196,35 @@ def test_the_gradient_guard_stands_aside_under_deepspeed(tmp_path):
     args = types.SimpleNamespace(fp16=False, deepspeed={"zero_optimization": {"stage": 2}})
     NonFiniteGuard("stop", tmp_path).on_pre_optimizer_step(args, types.SimpleNamespace(global_step=0), None,
                                                            model=model)  # no raise: check_loss works there
+
+
+def test_a_full_fine_tune_under_deepspeed_saves_the_fp32_master_weights(monkeypatch, tmp_path):
+    """DeepSpeed (bf16) holds a 16-bit module and fp32 masters in ZeRO's partitions: the saved model takes each
+    trained weight from its master and each frozen one from the starting model, never the 16-bit module."""
+    from elmtune.models.loading import load_model
+    from elmtune.training.full import set_trainable
+
+    base, _ = tiny_run_inputs(tmp_path, 1)
+    start = load_model(str(base))
+    model = load_model(str(base))
+    set_trainable(model, ["!transformer.token_embeddings.*"])
+    torch.manual_seed(0)  # "trained": masters moved by less than bf16 can hold, the module cast to bf16
+    masters = {id(p): p.detach() + 1e-4 * torch.randn_like(p) for p in model.parameters() if p.requires_grad}
+    model.to(torch.bfloat16)
+    utils = types.ModuleType("deepspeed.utils")
+    utils.safe_get_full_fp32_param = lambda p: masters[id(p)]
+    monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
+    monkeypatch.setitem(sys.modules, "deepspeed.utils", utils)
+    trainer = types.SimpleNamespace(model=model, is_fsdp_enabled=False, is_deepspeed_enabled=True,
+                                    is_world_process_zero=lambda: True)
+    run = types.SimpleNamespace(trainer=trainer, options=types.SimpleNamespace(model=str(base), seed=0))
+    saved = recipe.full_state_dict(run)
+    for name, p in model.named_parameters():
+        expected = masters[id(p)] if p.requires_grad else start.state_dict()[name]
+        assert saved[name].dtype == torch.float32 and torch.equal(saved[name], expected), name
+        assert not torch.equal(p.float(), expected)  # the module's bf16 copy would have lost it
+    assert recipe.full_state_dict(types.SimpleNamespace(trainer=types.SimpleNamespace(
+        is_fsdp_enabled=False, is_deepspeed_enabled=False))) is None  # one process / DDP: the module itself
 
 
 # ------------------------------------------------------------------------------------------------------ QLoRA
