@@ -381,28 +381,46 @@ def _run_export_mlx(args: argparse.Namespace) -> int:
 
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
+    from .benchmarks import DEFAULT_BATCH_SIZE, INSTALL_HINT
     from .options import bounded
 
     _model_arguments(p)
-    p.add_argument("--data", action="append", required=True, help="held-out records (same formats as train)")
+    p.add_argument("--data", action="append", help="held-out records (same formats as train; repeatable)")
     p.add_argument("--fields", help="record fields (default: the adapter's)")
     p.add_argument("--output-dir", "-o", default="eval", help="where eval.json and eval.md go (default: eval)")
     p.add_argument("--max-new-tokens", type=bounded(int, 1), default=128,
                    help="generation length for the metrics (default: 128)")
-    p.add_argument("--limit", type=bounded(int, 1), metavar="N", help="evaluate only the first N records")
+    p.add_argument("--limit", type=bounded(int, 1), metavar="N",
+                   help="evaluate only the first N records of --data and the first N examples of each task")
+    bench = p.add_argument_group(
+        "benchmarks", "Standard benchmarks through lm-evaluation-harness (" + INSTALL_HINT + "), base and base + "
+        "adapter side by side (or --model alone). --data, --tasks or both: with both, one report holds both "
+        "sections and the model is loaded once; with --tasks alone, only the benchmarks. A hub task's dataset is "
+        "downloaded on its first run and read from the datasets cache afterwards (offline too); a task of your "
+        "own (YAML + local data files) never needs the network.")
+    bench.add_argument("--tasks", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+                       metavar="NAME[,NAME...]", help="lm-eval tasks, groups or tags (mmlu, cmmlu, ceval-valid, "
+                                                      "arc_easy, hellaswag, …) or paths to task YAML files")
+    bench.add_argument("--include-path", action="append", metavar="DIR",
+                       help="a directory of task YAML files of your own (repeatable)")
+    bench.add_argument("--num-fewshot", type=bounded(int, 0), metavar="K",
+                       help="examples in each prompt (default: each task's own, 0 when it sets none)")
+    bench.add_argument("--batch-size", type=bounded(int, 1), default=DEFAULT_BATCH_SIZE,
+                       help=f"benchmark requests per forward pass (default: {DEFAULT_BATCH_SIZE})")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import run_eval
+    from .evaluate import markdown, run_eval
 
     if not args.adapter and not args.model:
         raise UsageError("give --adapter (the base model against base + adapter) or --model alone (a merged or "
                          "fully fine-tuned model, or any base, scored by itself)")
+    if not args.data and not args.tasks:
+        raise UsageError("nothing to evaluate: give held-out records (--data), benchmark tasks (--tasks), or both")
     report = run_eval(args.data, args.adapter, args.output_dir, args.model, args.tokenizer, args.template,
                       args.fields, args.max_new_tokens, args.limit, dtype=args.dtype, device=args.device,
-                      chat_template=args.chat_template)
-    from .evaluate import markdown
-
+                      chat_template=args.chat_template, tasks=args.tasks, include_path=args.include_path,
+                      num_fewshot=args.num_fewshot, batch_size=args.batch_size)
     print(markdown(report))
     print(f"written to {args.output_dir}/eval.json and eval.md")
     return 0
@@ -481,7 +499,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "generate": ("answer one prompt or a file of prompts with a base model (+ adapter), as JSONL",
                  _generate_parser, _run_generate),
     "chat": ("interactive terminal chat with streamed replies", _chat_parser, _run_chat),
-    "eval": ("base vs base + adapter on held-out data: answer loss, perplexity, exact match, ROUGE-L",
+    "eval": ("base vs base + adapter on held-out data (answer loss, perplexity, exact match, ROUGE-L) and/or "
+             "standard benchmarks through lm-evaluation-harness (--tasks)",
              _eval_parser, _run_eval),
     "serve": ("HTTP server: the tutorial's POST /, an OpenAI-compatible /v1 API, several adapters, a chat page",
               _serve_parser, _run_serve),

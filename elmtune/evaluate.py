@@ -2,7 +2,9 @@
 
 Per model: loss and perplexity on the answers (teacher-forced, mean over supervised tokens, exactly the
 training objective) and, from plain greedy generations, exact match and ROUGE-L F1 (``rouge-score``).
-Written as ``eval.json`` and ``eval.md``.
+Written as ``eval.json`` and ``eval.md``.  With ``tasks``, the same two models are also scored on standard benchmarks
+through lm-evaluation-harness (:mod:`elmtune.benchmarks`), in a ``benchmarks`` section of the same report; without
+``data``, the report has that section only.
 
 The answer of an alpaca record is its output (prompted as training prompted it, :meth:`Prompter.instruction`);
 of a conversation (``messages``, ``sharegpt``), its last assistant turn, prompted with everything before it
@@ -115,12 +117,40 @@ def compared(pipeline: Pipeline) -> tuple[tuple[str, bool], ...]:
 TITLES = {"base": "base", "adapter_model": "base + adapter", "model": "model"}
 
 
-def run_eval(data: list[str], adapter: str, output_dir: str, model: str | None = None, tokenizer: str | None = None,
-             template: str | None = None, fields: str | None = None, max_new_tokens: int = 128,
-             limit: int | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
-             chat_template: str | None = None) -> dict:
+def run_eval(data: list[str] | None, adapter: str | None, output_dir: str, model: str | None = None,
+             tokenizer: str | None = None, template: str | None = None, fields: str | None = None,
+             max_new_tokens: int = 128, limit: int | None = None, dtype: str | torch.dtype = "auto",
+             device: str = "auto", chat_template: str | None = None, tasks: list[str] | None = None,
+             include_path: list[str] | None = None, num_fewshot: int | None = None,
+             batch_size: int | None = None) -> dict:
+    """Base vs base + adapter (or a model alone) on held-out ``data`` and/or lm-eval ``tasks`` (at least one);
+    ``limit`` caps both (records of ``data``, examples per task)."""
+    if not data and not tasks:
+        raise ValueError("nothing to evaluate: give held-out records (--data), benchmark tasks (--tasks), or both")
+    bench_setup = None
+    if tasks:  # tasks and their data are checked before the model loads: unknown or uncached ones fail fast
+        from .benchmarks import prepare_tasks
+
+        bench_setup = prepare_tasks(tasks, include_path)
     pipeline = load_pipeline(model=model, adapter=adapter, tokenizer=tokenizer, template=template, dtype=dtype,
                              device=device, chat_template=chat_template)
+    report: dict = {"data": data or [], "adapter": adapter}
+    if data:
+        report.update(_heldout_report(pipeline, data, fields, max_new_tokens, limit))
+    if bench_setup:
+        from .benchmarks import DEFAULT_BATCH_SIZE, run_benchmarks
+
+        report["benchmarks"] = run_benchmarks(pipeline, tasks, include_path, num_fewshot, limit,
+                                              batch_size or DEFAULT_BATCH_SIZE, loaded=bench_setup)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out / "eval.md").write_text(markdown(report), encoding="utf-8")
+    return report
+
+
+def _heldout_report(pipeline: Pipeline, data: list[str], fields: str | None, max_new_tokens: int,
+                    limit: int | None) -> dict:
     meta, prompter = pipeline.metadata, pipeline.prompter
     spec = DataSpec(prompter.template, prompt_fields(meta, fields), int(meta.get("max_length", 384)),
                     chat_template=prompter.chat_template, train_on="last-turn")
@@ -133,17 +163,22 @@ def run_eval(data: list[str], adapter: str, output_dir: str, model: str | None =
     by_place = {(r.source, r.index): (p, a) for r, p, a in cases}  # examples left without an answer are dropped
     prompts = [by_place[(e.source, e.index)][0] for e in examples]
     references = [by_place[(e.source, e.index)][1] for e in examples]
-    report = {"data": data, "adapter": adapter, "n": len(examples),
-              **{key: evaluate_model(pipeline, examples, prompts, references, max_new_tokens, use_adapter=tuned)
-                 for key, tuned in compared(pipeline)}}
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    (out / "eval.md").write_text(markdown(report), encoding="utf-8")
-    return report
+    return {"n": len(examples),
+            **{key: evaluate_model(pipeline, examples, prompts, references, max_new_tokens, use_adapter=tuned)
+               for key, tuned in compared(pipeline)}}
 
 
 def markdown(report: dict) -> str:
+    title = "# Evaluation" + (f" of {report['adapter']} against its base model" if report.get("adapter") else "")
+    parts = _heldout_markdown(report) if report.get("data") else [title + "\n"]
+    if "benchmarks" in report:
+        from .benchmarks import markdown as benchmarks_markdown
+
+        parts.append(benchmarks_markdown(report["benchmarks"]))
+    return "\n".join(parts)
+
+
+def _heldout_markdown(report: dict) -> list[str]:
     keys = [key for key in TITLES if key in report]
     rows = [("answer loss", "loss", "{:.4f}"), ("answer perplexity", "perplexity", "{:.2f}"),
             ("exact match", "exact_match", "{:.1%}"), ("ROUGE-L F1", "rouge_l", "{:.3f}")]
@@ -154,4 +189,4 @@ def markdown(report: dict) -> str:
     lines += ["", f"## Samples ({TITLES[keys[-1]]})", ""]
     lines += [f"- `{s['prompt']}` → `{s['prediction']}` (reference: `{s['reference']}`)"
               for s in report[keys[-1]]["samples"]]
-    return "\n".join(lines) + "\n"
+    return ["\n".join(lines) + "\n"]
