@@ -167,6 +167,27 @@ def test_eval_tasks_on_a_local_task_base_vs_adapter(trained, tmp_path, capsys):
     assert generated == [c.output for c in complete(pipeline, prompts, sampling)]
 
 
+def test_wrapper_tokenizes_lm_eval_contexts_as_stock_with_llama2_tokenizer():
+    """With Llama-2's tokenizer, our wrapper's ids (bos + SentencePiece, as training) equal the stock wrapper's
+    (transformers' tokenizer, which adds bos) on lm-eval-style contexts — English, Chinese, few-shot blank lines —
+    and differ only where transformers 5 splits runs of spaces differently."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'elmtune[lm-eval]')")
+    from elmtune.benchmarks import elmtune_lm
+    from elmtune.inference import Pipeline
+    from elmtune.tokenizer import load_tokenizer
+    from tests.helpers import shared_path, tiny_model
+
+    tok = load_tokenizer(str(shared_path("data", "llama2-tokenizer")))
+    lm = elmtune_lm(Pipeline(tiny_model(), tok, None), batch_size=2)
+    contexts = ["Question: What is the capital of France?\nAnswer: Paris\n\nQuestion: 2+2?\nAnswer:",
+                "以下是中国关于会计考试的单项选择题，请选出其中的正确答案。\n\n题目：1+1=\nA. 1\nB. 2\n答案：",
+                "The man picked up the ball. Then he"]
+    for context in contexts:
+        assert lm.tok_encode(context) == tok.hf.encode(context), context
+        assert lm.tok_encode(context)[0] == tok.bos_id and lm.tok_encode(context, add_special_tokens=False)[0] != 1
+    assert lm.tok_encode("a  b") == [tok.bos_id] + tok.encode(["a  b"])[0] != tok.hf.encode("a  b")
+
+
 @pytest.mark.slow  # ~40 s here (merge, two more lm-eval runs, lm-eval's HF loading path)
 def test_eval_tasks_equals_lm_eval_stock_hf_wrapper(trained, tmp_path):
     """lm-eval's stock HF wrapper, loading our checkpoints itself (``import elmtune`` registers OpenELM with the
