@@ -16,7 +16,7 @@ from dataclasses import fields
 import torch
 from transformers import TextIteratorStreamer
 
-from .inference import Pipeline, SamplingOptions, generation_args
+from .inference import Pipeline, SamplingOptions, decode_cache, generation_args
 
 HELP = ("commands: /system TEXT (the system message; /system alone removes it), /reset (forget the "
         "conversation), /set NAME VALUE (temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed), "
@@ -69,7 +69,8 @@ class ChatSession:
         def run():
             try:
                 result["ids"] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                               generation_config=config, logits_processor=processors, streamer=streamer)
+                                               generation_config=config, logits_processor=processors, streamer=streamer,
+                                               cache=decode_cache(model, ids.shape[1] + s.max_new_tokens))
             except BaseException as error:  # end the stream, or the reader below would wait forever
                 result["error"] = error
                 streamer.end()

@@ -215,6 +215,14 @@ def generation_args(sampling: SamplingOptions, tok: Tokenizer, pads: torch.Tenso
     return config, processors
 
 
+def decode_cache(model, tokens: int):
+    """A KV cache for one ``generate`` call that fills buffers reserved for ``tokens`` (prompt + new tokens) in
+    place instead of growing by concatenation at every step (:class:`~elmtune.models.decode.PreallocatedCache`)."""
+    from .models.decode import PreallocatedCache
+
+    return PreallocatedCache(model.config, reserve=tokens)
+
+
 @dataclass
 class Completion:
     prompt: str
@@ -259,7 +267,8 @@ def complete(pipeline: Pipeline, prompts: list[str | RenderedPrompt], sampling: 
         config, processors = generation_args(sampling, tok, pads)
         extra = {"stop_strings": sampling.stop, "tokenizer": tok.hf} if sampling.stop else {}
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                             logits_processor=processors, streamer=streamer, **extra)
+                             logits_processor=processors, streamer=streamer,
+                             cache=decode_cache(model, width + sampling.max_new_tokens), **extra)
         for prompt, prompt_ids, row in zip(texts, chunk, out[:, width:].tolist()):
             stopped = tok.eos_id in row
             if stopped:

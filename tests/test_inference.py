@@ -122,6 +122,24 @@ def test_batched_greedy_equals_one_at_a_time(adapter, penalty):
     assert [b.to_dict() for b in batched] == [a.to_dict() for a in alone]
 
 
+def test_complete_decodes_with_the_preallocated_cache_as_with_a_dynamic_one(adapter, monkeypatch):
+    """``complete`` hands generate a preallocated cache (in-place writes); its answers are those of a dynamic cache."""
+    import elmtune.inference as inference
+    from elmtune.models.decode import PreallocatedCache
+
+    _, adapter_dir = adapter
+    pipeline = load_pipeline(adapter=str(adapter_dir), dtype="fp32")
+    prompts = [pipeline.render("say", x) for x in ("a", "b c d e f g h", "x y")]
+    sampling = SamplingOptions(max_new_tokens=10)
+    made = []
+    fast = inference.decode_cache
+    monkeypatch.setattr(inference, "decode_cache", lambda model, tokens: made.append(fast(model, tokens)) or made[-1])
+    preallocated = complete(pipeline, prompts, sampling, batch_size=3)
+    assert len(made) == 1 and isinstance(made[0], PreallocatedCache) and made[0].get_seq_length() > 0
+    monkeypatch.setattr(inference, "decode_cache", lambda model, tokens: None)  # generate's own dynamic cache
+    assert [c.to_dict() for c in preallocated] == [c.to_dict() for c in complete(pipeline, prompts, sampling, 3)]
+
+
 def test_repetition_penalty_ignores_left_padding():
     tok = word_tokenizer()
     _, processors = generation_args(SamplingOptions(repetition_penalty=2.0), tok, torch.tensor([2, 0]))

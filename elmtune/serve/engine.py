@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ..inference import cut_at_stop
+from ..models.decode import PreallocatedCache
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 GREEDY_BELOW = 1e-4  # a temperature under this is greedy (0 means greedy; dividing by a tiny one would overflow)
@@ -316,7 +317,8 @@ class Engine:
                             device=self.device)
         rows = [_Row(r, TextStream(tok.decode, r.sampling.stop), _generator(r.sampling.seed, self.device),
                      len(r.prompt_ids)) for r in requests]
-        cache = DynamicCache(config=self.model.config)
+        # in-place writes into reserved room (the longest prompt + answer here); rows that join later make it grow
+        cache = PreallocatedCache(self.model.config, reserve=width + max(r.sampling.max_tokens for r in requests))
         logits = self._forward(ids, mask, cache, rows)
         self.prefills += 1
         seen = torch.zeros(logits.shape, dtype=mask.dtype, device=self.device).scatter_add_(1, ids, mask) > 0
