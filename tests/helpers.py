@@ -64,6 +64,14 @@ def word_tokenizer(words: str = "a b c d e f g h hi hello say answer x y z 1 2 1
     return load_tokenizer(str(directory))
 
 
+def write_jsonl(path: Path, records) -> str:
+    """``records`` as a JSONL file at ``path`` (UTF-8, non-ASCII kept as is); returns the path as a string."""
+    import json
+
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
 def save_tiny_base(directory: Path) -> Path:
     """A tiny model with its word tokenizer saved in ``directory`` (Apple's layout); returns the directory."""
     tiny_model().save_pretrained(directory)

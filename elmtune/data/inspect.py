@@ -111,6 +111,38 @@ def _pair_rows(pair: Pair, tokenizer: Tokenizer, color: bool) -> str:
     return "\n".join(rows)
 
 
+def print_statistics(stats, spec: DataSpec, rows: list, stream, *, noun: str, truncated: str, dropped: str,
+                     tokens: str, lengths: str, output: str | None) -> dict:
+    """The statistics block both views end with, and every kept row (example or pair) written to ``output``
+    (JSONL, atomically); returns the summary."""
+    summary = stats.summary()
+    print("\nrecords read        ", summary["records"], file=stream)
+    print(f"{noun + 's kept':<20}", summary["kept"], file=stream)
+    print("truncated           ", summary["truncated"], f"({truncated})", file=stream)
+    print("dropped, no answer  ", summary["dropped_all_masked"], f"({dropped})", file=stream)
+    print("bad records skipped ", summary["skipped_bad"], file=stream)
+    for reason in stats.skipped.examples:
+        print("   ", reason, file=stream)
+    print("tokens              ", summary["tokens"], f"({tokens.format(share=summary['supervised_share'])})",
+          file=stream)
+    if stats.formats:
+        print("per format:", file=stream)
+        for line in format_table(stats):
+            print(line, file=stream)
+    print(f"length histogram (tokens {lengths}):", file=stream)
+    for line in histogram(stats, spec.max_length):
+        print(line, file=stream)
+    if output:
+        path = Path(output)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({"file": row.source, "index": row.index, **row.features()}) + "\n")
+        tmp.replace(path)
+        print(f"wrote {len(rows)} {noun}s to {path}", file=stream)
+    return summary
+
+
 def inspect_pairs(data: list[str], tokenizer: Tokenizer, spec: DataSpec, on_bad_record: str = "error",
                   show: int = 3, output: str | None = None, stream=None, color: bool = False) -> dict:
     """``data inspect`` of preference records (``--method dpo|orpo`` data): each pair's prompt and its two answers
@@ -125,33 +157,11 @@ def inspect_pairs(data: list[str], tokenizer: Tokenizer, spec: DataSpec, on_bad_
         print(f"\n--- {pair.source} [record {pair.index}] {pair.format}, prompt {len(pair.prompt_ids)} tokens, "
               f"chosen {len(pair.chosen_ids)}, rejected {len(pair.rejected_ids)}", file=stream)
         print(_pair_rows(pair, tokenizer, color), file=stream)
-    summary = stats.summary()
-    print("\nrecords read        ", summary["records"], file=stream)
-    print("pairs kept          ", summary["kept"], file=stream)
-    print("truncated           ", summary["truncated"], f"(an answer cut at {spec.max_length} tokens with its prompt)",
-          file=stream)
-    print("dropped, no answer  ", summary["dropped_all_masked"], "(the prompt alone fills --max-length)", file=stream)
-    print("bad records skipped ", summary["skipped_bad"], file=stream)
-    for reason in stats.skipped.examples:
-        print("   ", reason, file=stream)
-    print("tokens              ", summary["tokens"], f"(prompt twice + both answers; {summary['supervised_share']:.1%} "
-          "scored)", file=stream)
-    if stats.formats:
-        print("per format:", file=stream)
-        for line in format_table(stats):
-            print(line, file=stream)
-    print("length histogram (tokens of the longer sequence of each pair):", file=stream)
-    for line in histogram(stats, spec.max_length):
-        print(line, file=stream)
-    if output:
-        path = Path(output)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for p in pairs:
-                f.write(json.dumps({"file": p.source, "index": p.index, **p.features()}) + "\n")
-        tmp.replace(path)
-        print(f"wrote {len(pairs)} pairs to {path}", file=stream)
-    return summary
+    return print_statistics(stats, spec, pairs, stream, noun="pair",
+                            truncated=f"an answer cut at {spec.max_length} tokens with its prompt",
+                            dropped="the prompt alone fills --max-length",
+                            tokens="prompt twice + both answers; {share:.1%} scored",
+                            lengths="of the longer sequence of each pair", output=output)
 
 
 def inspect_data(data: list[str], tokenizer: Tokenizer, spec: DataSpec, on_bad_record: str = "error",
@@ -177,29 +187,7 @@ def inspect_data(data: list[str], tokenizer: Tokenizer, spec: DataSpec, on_bad_r
             print(render_turns(example, tokenizer, color), file=stream)
         else:
             print(render(example, tokenizer, color), file=stream)
-    summary = stats.summary()
-    print("\nrecords read        ", summary["records"], file=stream)
-    print("examples kept       ", summary["kept"], file=stream)
-    print("truncated           ", summary["truncated"], f"(cut at {spec.max_length} tokens)", file=stream)
-    print("dropped, no answer  ", summary["dropped_all_masked"], "(answer cut away entirely: nothing to learn)",
-          file=stream)
-    print("bad records skipped ", summary["skipped_bad"], file=stream)
-    for reason in stats.skipped.examples:
-        print("   ", reason, file=stream)
-    print("tokens              ", summary["tokens"], f"({summary['supervised_share']:.1%} supervised)", file=stream)
-    if stats.formats:
-        print("per format:", file=stream)
-        for line in format_table(stats):
-            print(line, file=stream)
-    print("length histogram (tokens per example):", file=stream)
-    for line in histogram(stats, spec.max_length):
-        print(line, file=stream)
-    if output:
-        path = Path(output)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for e in examples:
-                f.write(json.dumps({"file": e.source, "index": e.index, **e.features()}) + "\n")
-        tmp.replace(path)
-        print(f"wrote {len(examples)} examples to {path}", file=stream)
-    return summary
+    return print_statistics(stats, spec, examples, stream, noun="example",
+                            truncated=f"cut at {spec.max_length} tokens",
+                            dropped="answer cut away entirely: nothing to learn",
+                            tokens="{share:.1%} supervised", lengths="per example", output=output)

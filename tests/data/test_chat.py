@@ -50,11 +50,6 @@ END_TOKEN = {"openelm": "</s>", "chatml": "<|im_end|>", "llama2-chat": "</s>"}
 
 
 @pytest.fixture(scope="module")
-def llama2():
-    return load_tokenizer(str(shared_path("data", "llama2-tokenizer")))
-
-
-@pytest.fixture(scope="module")
 def llama2_with_own_template(tmp_path_factory):
     """The same tokenizer, with a chat_template in its tokenizer_config.json."""
     directory = tmp_path_factory.mktemp("tok")

@@ -10,13 +10,7 @@ import pytest
 from elmtune.data import IGNORE_INDEX, DataSpec, Fields, Template
 from elmtune.data.encode import EncodeStats, encode_records
 from elmtune.data.records import DataError, Record
-from elmtune.tokenizer import load_tokenizer
 from tests.helpers import shared_path, word_tokenizer
-
-
-@pytest.fixture(scope="module")
-def llama2():
-    return load_tokenizer(str(shared_path("data", "llama2-tokenizer")))
 
 
 @pytest.mark.parametrize("fields", ["en", "zh"])

@@ -10,8 +10,7 @@ import pytest
 from elmtune.data import DataError, DataSpec, load_examples, read_records
 from elmtune.data.formats import detect, normalize_messages
 from elmtune.data.templates import Fields
-from elmtune.tokenizer import load_tokenizer
-from tests.helpers import shared_path
+from tests.helpers import write_jsonl
 
 CHAT = {"messages": [{"role": "system", "content": "Answer briefly."},
                      {"role": "user", "content": "Name a colour."},
@@ -20,16 +19,6 @@ SHAREGPT = {"conversations": [{"from": "human", "value": "你好"}, {"from": "gp
 COMPLETION = {"prompt": "The capital of France is", "completion": " Paris."}
 TEXT = {"text": "Café culture in Paris.\n\n巴黎的咖啡馆文化。"}
 ALPACA = {"instruction": "Translate to French", "input": "", "output": "Bonjour"}
-
-
-@pytest.fixture(scope="module")
-def llama2():
-    return load_tokenizer(str(shared_path("data", "llama2-tokenizer")))
-
-
-def write_jsonl(path, records) -> str:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return str(path)
 
 
 def load(paths, tok, on_bad_record="error", **spec):

@@ -10,18 +10,7 @@ import pytest
 from elmtune.cli import main
 from elmtune.data import DataError, DataSpec, load_examples, render_prompt
 from elmtune.data.preference import load_pairs
-from elmtune.tokenizer import load_tokenizer
-from tests.helpers import shared_path
-
-
-@pytest.fixture(scope="module")
-def llama2():
-    return load_tokenizer(str(shared_path("data", "llama2-tokenizer")))
-
-
-def write_jsonl(path, records) -> str:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return str(path)
+from tests.helpers import shared_path, write_jsonl
 
 
 def spec(**overrides) -> DataSpec:

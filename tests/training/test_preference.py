@@ -13,7 +13,7 @@ import torch
 
 from elmtune.options import OptionsError
 from elmtune.training import TrainError, TrainOptions, train
-from tests.helpers import Interrupt, save_tiny_base, stop_at, train_tiny_adapter
+from tests.helpers import Interrupt, save_tiny_base, stop_at, train_tiny_adapter, write_jsonl
 
 pytest.importorskip("trl", reason="preference tuning needs TRL (pip install 'elmtune[preference]')")
 
@@ -45,11 +45,6 @@ def rule_pairs(n: int, seed: int, length: int = 2) -> list[dict]:
         pairs.append({"prompt": "say " + " ".join(words), "chosen": chosen,
                       "rejected": rng.choice([w for w in WORDS if w != chosen])})
     return pairs
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
 
 
 def options(base, data, out, **overrides) -> TrainOptions:
