@@ -105,7 +105,7 @@ def test_dpo_learns_the_rule_and_the_adapter_prefers_chosen_answers(tmp_path):
     # only the trained adapter is saved (no reference copy), loadable with stock PEFT
     assert not (out / "ref").exists() and (out / "adapter_model.safetensors").is_file()
 
-    # serve and export like any adapter: generate with it, merge it (equal logits), export the merge to GGUF
+    # serve and export like any adapter: generate and serve with it, merge it (equal logits), export the merge to GGUF
     from elmtune.export_gguf import export_gguf
     from elmtune.inference import SamplingOptions, generate
     from elmtune.merge import merge
@@ -114,6 +114,19 @@ def test_dpo_learns_the_rule_and_the_adapter_prefers_chosen_answers(tmp_path):
     greedy = SamplingOptions(max_new_tokens=3, repetition_penalty=1.0)
     prompts = [f"say {w} {successor(w)}" for w in WORDS]
     completions = generate(pipeline, prompts, sampling=greedy)
+    from fastapi.testclient import TestClient
+
+    from elmtune.serve import build_state, create_app
+
+    state = build_state(None, {"dpo": str(out)}, device="cpu", dtype="float32")
+    try:  # the tutorial's POST / (repetition penalty 1.2) answers as generate does with the adapter
+        served = TestClient(create_app(state)).post("/", json={"prompt": prompts[0], "max_new_tokens": 3})
+        assert served.status_code == 200, served.text
+        tutorial = SamplingOptions(max_new_tokens=3, repetition_penalty=1.2)
+        answer = generate(pipeline, prompts[:1], sampling=tutorial)[0].output
+        assert answer.strip() and served.json()["response"] == answer
+    finally:
+        state.engine.close()
     merge(str(out), str(tmp_path / "merged"))
     merged = load_pipeline(model=str(tmp_path / "merged"), dtype="fp32", device="cpu")
     assert merged.template.format == "{instruction}"  # the merge carries the training template along
