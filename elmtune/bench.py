@@ -238,40 +238,163 @@ def report(results: dict, peak_flops: float, options: BenchTrainOptions, device:
 @dataclass
 class BenchGenerateOptions:
     model: str = opt("openelm-270m", "preset (random init) or checkpoint directory")
-    new_tokens: int = opt(64, "tokens to generate per sequence", minimum=1)
+    new_tokens: int = opt(64, "tokens to generate per sequence", minimum=2)
     prompt_tokens: int = opt(32, "prompt length", minimum=1)
     dtype: str = opt("bf16", "weight dtype (auto: the device's native one)", choices=("auto", "bf16", "fp16", "fp32"))
     device: str = opt("auto", "cuda, cuda:N, mps or cpu (auto: the GPU if there is one)")
+    gguf: str | None = opt(None, "also decode with llama.cpp (llama-cpp-python, the `llama` extra) from this GGUF of "
+                                 "the same weights (`elmtune export gguf MODEL --type f16`), interleaved in the same "
+                                 "run, and print elmtune's rate over llama.cpp's")
+    repeats: int = opt(2, "timed rounds; each round runs every path once, interleaved (the best round is reported, "
+                          "the spread printed)", minimum=1)
+    reference: bool = opt(True, "also time the reference decode path (a dynamic cache) in the same rounds")
+
+
+class _Stamps:
+    """A stopping criterion that never stops: it stamps the time each new token is ready (one call per token)."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def decode_rate(times: list[float], batch: int) -> float:
+    """Decode tokens/s from per-token stamps: the tokens after the first over the time they took (the first
+    token's time is the prompt's prefill)."""
+    return batch * (len(times) - 1) / (times[-1] - times[0])
+
+
+def _elmtune_run(model, ids: torch.Tensor, new_tokens: int, fast: bool) -> tuple[float, list[int]]:
+    """One greedy generation; (decode tokens/s, the first row's new tokens).  ``fast``: the preallocated cache that
+    ``generate``, ``chat`` and the server use; else the reference path (a dynamic cache)."""
+    from transformers import DynamicCache, StoppingCriteriaList
+
+    from .models.decode import PreallocatedCache
+
+    stamps = _Stamps(ids.device)
+    cache = (PreallocatedCache(model.config, reserve=ids.shape[1] + new_tokens) if fast
+             else DynamicCache(config=model.config))
+    out = model.generate(ids, cache=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0, eos_token_id=2, stopping_criteria=StoppingCriteriaList([stamps]))
+    return decode_rate(stamps.times, ids.shape[0]), out[0, ids.shape[1]:].tolist()
+
+
+class LlamaCppPeer:
+    """llama.cpp (through llama-cpp-python) decoding a GGUF greedily, timed the same way as elmtune."""
+
+    def __init__(self, path: str, context: int, threads: int):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise ImportError("llama-cpp-python is not installed (pip install 'elmtune[llama]'; it compiles llama.cpp, "
+                              "several minutes)") from None
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--gguf {path}: no such file (write one with `elmtune export gguf MODEL -o "
+                                    f"{path} --type f16`)")
+        self.llm = llama_cpp.Llama(path, n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=context,
+                                   verbose=False)
+        self.version = llama_cpp.__version__
+        self.file_type = _gguf_file_type(path)
+
+    def run(self, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+        times, tokens = [], []
+        self.llm.reset()
+        for token in self.llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            times.append(time.perf_counter())
+            tokens.append(token)
+            if len(tokens) == new_tokens:
+                break
+        return decode_rate(times, 1), tokens
+
+
+def _gguf_file_type(path: str) -> str:
+    """The GGUF's weight type as llama.cpp names it (f16, f32, q8_0 …), read from its metadata."""
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+        field = reader.fields.get("general.file_type")
+        value = int(field.parts[field.data[0]][0]) if field is not None else None
+        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+    except Exception:  # noqa: BLE001 — a label only
+        return "?"
+
+
+def _agreement(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy outputs share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 @torch.no_grad()
 def bench_generate(options: BenchGenerateOptions) -> dict:
-    """Greedy decode tokens/s with the KV cache, batch 1 and batch 8."""
+    """Greedy decode tokens/s with the KV cache at batch 1 and 8, the fast path (and the reference one), and
+    llama.cpp on a GGUF of the same weights when ``gguf`` is given — all interleaved round by round, so ratios
+    come from the same minutes of a (possibly shared) machine."""
     from .device import describe, pick_device, pick_dtype
     from .models.loading import load_model
 
     device = pick_device(options.device)
     dtype = pick_dtype(device, options.dtype)
+    threads = torch.get_num_threads()
+    peer, skipped = None, None
+    if options.gguf:
+        try:
+            peer = LlamaCppPeer(options.gguf, options.prompt_tokens + options.new_tokens + 8, threads)
+        except ImportError as error:
+            skipped = str(error)
     model = load_model(options.model, dtype=dtype, device=device).eval()
-    results = {}
-    for batch in (1, 8):
-        ids = torch.randint(3, model.config.vocab_size, (batch, options.prompt_tokens), device=device,
-                            generator=torch.Generator(device=device).manual_seed(0))
-        kwargs = dict(max_new_tokens=options.new_tokens, min_new_tokens=options.new_tokens, do_sample=False,
-                      pad_token_id=0, eos_token_id=2)
-        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=2)
-        _sync(device)
-        start = time.perf_counter()
-        model.generate(ids, **kwargs)
-        _sync(device)
-        seconds = time.perf_counter() - start
-        results[batch] = batch * options.new_tokens / seconds
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"bench generate: {options.model} on {describe(device, dtype)}, prompt {options.prompt_tokens} tokens, "
-          f"{options.new_tokens} new tokens, greedy with KV cache{threads}")
-    for batch, rate in results.items():
-        print(f"  batch {batch}: {rate:8.1f} tokens/s")
-    return results
+    prompts = {batch: torch.randint(3, model.config.vocab_size, (batch, options.prompt_tokens), device=device,
+                                    generator=torch.Generator(device=device).manual_seed(0)) for batch in (1, 8)}
+    paths = [("elmtune", b, True) for b in (1, 8)] + [("reference", b, False) for b in (1, 8) if options.reference]
+    for _, batch, fast in paths:  # warm-up: first-call allocations and kernel choices are not timed
+        _elmtune_run(model, prompts[batch][:, :4], 3, fast)
+    if peer is not None:
+        peer.run(prompts[1][0, :4].tolist(), 3)
+    rates: dict[str, list[float]] = {}
+    tokens: dict[str, list[int]] = {}
+    for _ in range(options.repeats):
+        for name, batch, fast in paths:
+            rate, out = _elmtune_run(model, prompts[batch], options.new_tokens, fast)
+            rates.setdefault(f"{name} batch {batch}", []).append(rate)
+            tokens.setdefault(f"{name} batch {batch}", out)
+        if peer is not None:
+            rate, out = peer.run(prompts[1][0].tolist(), options.new_tokens)
+            rates.setdefault("llama.cpp batch 1", []).append(rate)
+            tokens.setdefault("llama.cpp batch 1", out)
+    best = {name: max(r) for name, r in rates.items()}
+    where = f", {threads} threads" if device.type == "cpu" else ""
+    if device.type == "cpu":
+        from .hardware import cpu_info
+
+        print(f"CPU: {cpu_info().describe()}")
+    print(f"bench generate: {options.model} on {describe(device, dtype)}, prompt "
+          f"{options.prompt_tokens} tokens, {options.new_tokens} new tokens, greedy with KV cache{where}; decode "
+          f"tokens/s (after the first token), best of {options.repeats} interleaved rounds (all rounds in brackets)")
+    for name, rate in best.items():
+        label = name if not name.startswith("llama") else f"{name} ({peer.file_type}, llama-cpp-python {peer.version})"
+        spread = ", ".join(f"{r:.1f}" for r in rates[name])
+        print(f"  {label:50} {rate:8.1f}  [{spread}]")
+    fast1, fast8 = best["elmtune batch 1"], best["elmtune batch 8"]
+    print(f"  batch 8 / batch 1: {fast8 / fast1:.2f}×")
+    result = {"rates": rates, "best": best, "dtype": str(dtype).removeprefix("torch."), "threads": threads}
+    if options.reference:
+        print("  fast / reference: batch 1 {:.2f}×, batch 8 {:.2f}×".format(
+            fast1 / best["reference batch 1"], fast8 / best["reference batch 8"]))
+    if peer is not None:
+        ratios = [e / p for e, p in zip(rates["elmtune batch 1"], rates["llama.cpp batch 1"])]
+        agree = _agreement(tokens["elmtune batch 1"], tokens["llama.cpp batch 1"])
+        print(f"  elmtune / llama.cpp at batch 1: {fast1 / best['llama.cpp batch 1']:.2f}× (best against best; "
+              f"round by round {', '.join(f'{r:.2f}' for r in ratios)}); greedy tokens agree for the first {agree} "
+              f"of {options.new_tokens}")
+        result.update(peer_ratio=fast1 / best["llama.cpp batch 1"], round_ratios=ratios, agreement=agree)
+    elif skipped:
+        print(f"  llama.cpp: skipped — {skipped}")
+        result["peer_skipped"] = skipped
+    return result
 
 
 if __name__ == "__main__":  # one bench path in a fresh process: python -m elmtune.bench NAME OPTIONS_JSON WORKDIR

@@ -2,16 +2,44 @@
 
 from __future__ import annotations
 
+import pytest
+
 from elmtune.bench import BenchGenerateOptions, bench_generate, matmul_peak
 from tests.helpers import save_tiny_base
 
 
 def test_bench_generate_measures_on_the_chosen_device_and_dtype(tmp_path, capsys):
     base = save_tiny_base(tmp_path / "base")
-    rates = bench_generate(BenchGenerateOptions(model=str(base), new_tokens=4, prompt_tokens=4, dtype="fp32",
-                                                device="cpu"))
-    assert set(rates) == {1, 8} and all(rate > 0 for rate in rates.values())
-    assert "on cpu, fp32" in capsys.readouterr().out
+    result = bench_generate(BenchGenerateOptions(model=str(base), new_tokens=4, prompt_tokens=4, dtype="fp32",
+                                                 device="cpu"))
+    assert set(result["best"]) == {"elmtune batch 1", "elmtune batch 8", "reference batch 1", "reference batch 8"}
+    assert all(rate > 0 for rate in result["best"].values()) and result["dtype"] == "float32"
+    out = capsys.readouterr().out
+    assert "on cpu, fp32" in out and "batch 8 / batch 1" in out and "fast / reference" in out
+
+
+def test_bench_generate_skips_llama_cpp_with_the_reason_when_it_is_not_installed(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    base = save_tiny_base(tmp_path / "base")
+    result = bench_generate(BenchGenerateOptions(model=str(base), new_tokens=3, prompt_tokens=3, dtype="fp32",
+                                                 device="cpu", gguf=str(tmp_path / "absent.gguf"), reference=False))
+    assert "llama-cpp-python is not installed" in result["peer_skipped"]
+    assert "llama.cpp: skipped — llama-cpp-python is not installed" in capsys.readouterr().out
+
+
+def test_bench_generate_runs_llama_cpp_on_the_same_weights(tmp_path, capsys):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install 'elmtune[llama]')")
+    from elmtune.export_gguf import export_gguf
+
+    base = save_tiny_base(tmp_path / "base")
+    export_gguf(str(base), str(tmp_path / "m.gguf"), "f32")
+    result = bench_generate(BenchGenerateOptions(model=str(base), new_tokens=8, prompt_tokens=5, dtype="fp32",
+                                                 device="cpu", gguf=str(tmp_path / "m.gguf"), reference=False))
+    assert result["peer_ratio"] > 0 and len(result["round_ratios"]) == 2
+    assert result["agreement"] == 8  # f32 weights both sides: llama.cpp decodes the same greedy tokens
+    assert "elmtune / llama.cpp at batch 1" in capsys.readouterr().out
 
 
 def test_matmul_peak_is_a_positive_measurement_on_the_cpu():
