@@ -7,10 +7,8 @@ import os
 
 import torch
 
-from ..data import DataSpec
 from ..device import resolve_precision
-from ..models.loading import build_on_meta, load_config
-from ..tokenizer import load_tokenizer
+from ..models.loading import build_on_meta
 from .args import PREFERENCE_METHODS, TrainOptions
 from .checkpointing import selective_unsupported
 
@@ -208,21 +206,25 @@ def count_parameters(config, options: TrainOptions) -> tuple[int, int]:
     return counts
 
 
+def memory_fits(need: int, device: torch.device, remedies: str) -> str:
+    """Whether ``need`` bytes fit the 70% of the device's available memory a plan allows itself, said in words."""
+    available = available_memory(device)
+    if need <= 0.7 * available:
+        return f"yes: ~{need / 2**30:.1f} GiB of {available / 2**30:.1f} GiB available"
+    return (f"NO: ~{need / 2**30:.1f} GiB needed, {available / 2**30:.1f} GiB available here (70% is planned for); "
+            f"use a larger device, {remedies}")
+
+
 def plan_run(options: TrainOptions) -> dict:
     if options.method in PREFERENCE_METHODS:  # DPO / ORPO: pairs, and the reference model's memory
         from .preference import plan_preference
 
         return plan_preference(options)
     from ..device import describe
-    from .recipe import DTYPE_OF, check_attention, check_distributed, default_tokenizer, load_data, setup_device
+    from .recipe import DTYPE_OF, load_data, prepare
 
-    device = setup_device(options)
-    check_attention(options, device)
-    check_distributed(options, device)
-    config = load_config(options.model)
-    tokenizer = load_tokenizer(default_tokenizer(options))
-    spec = DataSpec.from_options(options)
-    train_examples, eval_examples, stats = load_data(options, tokenizer, spec)
+    p = prepare(options, load_data)
+    device, config, stats, train_examples, eval_examples = p.device, p.config, p.stats, p.train, p.eval
     trainable, total = count_parameters(config, options)
     steps_per_epoch, steps = count_steps(options, len(train_examples))
     full = options.method == "full"
@@ -234,8 +236,6 @@ def plan_run(options: TrainOptions) -> dict:
                                               device)
     memory = estimate_memory(config, total - trainable, trainable, options.batch_size * lengths[-1], precision,
                              checkpointing, full, memory_shards(options))
-    available = available_memory(device)
-    fits = memory["total"] <= 0.7 * available
     return {
         "model": options.model, "method": options.method,
         "device": describe(device, DTYPE_OF[precision]), "precision": precision,
@@ -248,9 +248,7 @@ def plan_run(options: TrainOptions) -> dict:
         "gradient_checkpointing": f"{checkpointing} ({why})",
         "estimated_memory_gib": {k: round(v / 2**30, 2) for k, v in memory.items()},
         "memory_layout": memory_layout(options),
-        "memory_fits": (f"yes: ~{memory['total'] / 2**30:.1f} GiB of {available / 2**30:.1f} GiB available"
-                        if fits else f"NO: ~{memory['total'] / 2**30:.1f} GiB needed, {available / 2**30:.1f} GiB "
-                        "available here (70% is planned for); use a larger device, FSDP/DeepSpeed across GPUs, a "
-                        "smaller --batch-size or --max-length" + ("" if full else ", or --quantize 4bit")),
+        "memory_fits": memory_fits(memory["total"], device, "FSDP/DeepSpeed across GPUs, a smaller --batch-size or "
+                                   "--max-length" + ("" if full else ", or --quantize 4bit")),
         "estimated_disk_gib": round(disk / 2**30, 3),
     }

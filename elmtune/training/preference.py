@@ -32,14 +32,11 @@ from transformers.trainer_callback import PrinterCallback
 from ..data import DataSpec
 from ..data.preference import load_pairs
 from ..device import resolve_precision
-from ..models.loading import load_config
-from ..options import write_yaml
-from ..tokenizer import load_tokenizer
 from .args import PREFERENCE_METHODS, TrainOptions
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses, plot_rewards
 from .checkpointing import checkpointing_mode, enable_checkpointing
-from .plan import (available_memory, count_parameters, count_steps, decide_checkpointing, estimate_disk,
-                   estimate_memory, world)
+from .plan import (count_parameters, count_steps, decide_checkpointing, estimate_disk, estimate_memory,
+                   memory_fits, world)
 from .safety import AtomicCheckpointTrainer, GracefulStop, NonFiniteGuard, save_atomically
 
 log = logging.getLogger("elmtune")
@@ -301,39 +298,18 @@ def preference_metadata(options: TrainOptions, spec: DataSpec, stats, tokenizer)
 
 def setup_preference(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()):
     """Check what can be checked before loading weights, then build the TRL trainer: a :class:`~.recipe.Run`."""
-    from .recipe import check_output_dir
+    from .recipe import setup
 
     require_trl(options.method)
-    out, lock = check_output_dir(options)
-    try:
-        return _build_run(options, out, lock, callbacks)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
+    return setup(options, callbacks, _build_run)
 
 
 def _build_run(options: TrainOptions, out: Path, lock, callbacks):
-    from .recipe import (DTYPE_OF, METADATA_FILE, ReleaseFreedMemory, Run, TrainError, check_attention, check_disk,
-                         check_distributed, default_tokenizer, find_resume_checkpoint, setup_device,
-                         tensorboard_callback, training_arguments)
+    from .recipe import DTYPE_OF, ReleaseFreedMemory, check_disk, start_run, tensorboard_callback, training_arguments
 
-    device = setup_device(options)
-    check_attention(options, device)
-    check_distributed(options, device)
-    if options.distributed != "ddp" and world()[1] > 1:
-        raise TrainError(f"--method {options.method} runs under torchrun with --distributed ddp only (FSDP/DeepSpeed "
-                         "would shard the reference forward differently and are not tested here)")
-    config = load_config(options.model)
-    resume_from = find_resume_checkpoint(options, out)
-    tokenizer = load_tokenizer(default_tokenizer(options))
-    spec = DataSpec.from_options(options)
-    train_pairs, eval_pairs, stats = load_preference_data(options, tokenizer, spec)
-    run = Run(options, out, tokenizer, spec, train_pairs, eval_pairs, stats, resume_from=resume_from, lock=lock)
-    if world()[0] == 0:
-        write_yaml(options, out / "config.yaml")
-        (out / METADATA_FILE).write_text(json.dumps(preference_metadata(options, spec, stats, tokenizer), indent=2),
-                                         encoding="utf-8")
+    run, device, config = start_run(options, out, lock, load_preference_data, preference_metadata)
+    tokenizer, train_pairs, eval_pairs, resume_from = run.tokenizer, run.train_examples, run.eval_examples, \
+        run.resume_from
     base = supervised_view(options)
     precision = resolve_precision(options.precision, device)
     dtype = DTYPE_OF[precision]
@@ -450,16 +426,11 @@ def estimate_preference_memory(config, options: TrainOptions, n_params: int, n_t
 def plan_preference(options: TrainOptions) -> dict:
     """``--dry-run`` of a preference run: the data (pairs), steps, memory and disk, without loading weights."""
     from ..device import describe
-    from .recipe import DTYPE_OF, check_attention, check_distributed, default_tokenizer, setup_device
+    from .recipe import DTYPE_OF, prepare
 
     require_trl(options.method)
-    device = setup_device(options)
-    check_attention(options, device)
-    check_distributed(options, device)
-    config = load_config(options.model)
-    tokenizer = load_tokenizer(default_tokenizer(options))
-    spec = DataSpec.from_options(options)
-    train_pairs, eval_pairs, stats = load_preference_data(options, tokenizer, spec)
+    p = prepare(options, load_preference_data)
+    device, config, stats, train_pairs, eval_pairs = p.device, p.config, p.stats, p.train, p.eval
     base = supervised_view(options)
     trainable, total = count_parameters(config, base)
     steps_per_epoch, steps = count_steps(options, len(train_pairs))
@@ -472,8 +443,6 @@ def plan_preference(options: TrainOptions) -> dict:
                                               device)
     memory = estimate_preference_memory(config, options, total - trainable, trainable, lengths[-1], precision,
                                         checkpointing)
-    available = available_memory(device)
-    fits = memory["total"] <= 0.7 * available
     return {
         "model": options.model, "method": options.method, "tune": options.tune, "beta": options.beta,
         "init_adapter": options.init_adapter,
@@ -487,10 +456,8 @@ def plan_preference(options: TrainOptions) -> dict:
         "steps_per_epoch": steps_per_epoch, "total_steps": steps,
         "gradient_checkpointing": f"{checkpointing} ({why})",
         "estimated_memory_gib": {k: round(v / 2**30, 2) for k, v in memory.items()},
-        "memory_fits": (f"yes: ~{memory['total'] / 2**30:.1f} GiB of {available / 2**30:.1f} GiB available"
-                        if fits else f"NO: ~{memory['total'] / 2**30:.1f} GiB needed, {available / 2**30:.1f} GiB "
-                        "available here (70% is planned for); use a larger device, a smaller --batch-size or "
-                        "--max-length" + ("" if full else ", or --quantize 4bit")),
+        "memory_fits": memory_fits(memory["total"], device, "a smaller --batch-size or --max-length"
+                                   + ("" if full else ", or --quantize 4bit")),
         "estimated_disk_gib": round(disk / 2**30, 3),
     }
 

@@ -161,6 +161,9 @@ def check_distributed(options: TrainOptions, device: torch.device) -> None:
     if options.distributed == "fsdp" and world()[1] > 1 and device.type != "cuda":
         raise TrainError(f"--distributed fsdp shards the model across CUDA GPUs only; these processes train on "
                          f"{device.type}, where it would run as plain DDP: use --distributed ddp")
+    if options.method in PREFERENCE_METHODS and options.distributed != "ddp" and world()[1] > 1:
+        raise TrainError(f"--method {options.method} runs under torchrun with --distributed ddp only (FSDP/DeepSpeed "
+                         "would shard the reference forward differently and are not tested here)")
     if options.distributed == "deepspeed" and options.nan_policy == "skip-step":
         raise TrainError("--nan-policy skip-step cannot work with --distributed deepspeed (DeepSpeed updates the "
                          "weights inside backward, before a step could be dropped); use --nan-policy stop, which "
@@ -514,14 +517,59 @@ class ReleaseFreedMemory(TrainerCallback):
             self.baseline = self._resident()
 
 
+@dataclass
+class Prepared:
+    """What a run (or its dry run) knows before any weight is loaded."""
+
+    device: torch.device
+    config: object
+    tokenizer: Tokenizer
+    spec: DataSpec
+    train: list
+    eval: list
+    stats: EncodeStats
+    resume_from: str | None = None
+
+
+def prepare(options: TrainOptions, load, out: Path | None = None) -> Prepared:
+    """The checks and reads every run and dry run starts with, in this order: this process's device first (nothing
+    may touch CUDA before its GPU is chosen), the attention and distributed choices, the model's config (fails fast
+    on a wrong --model, before data is read), with ``out`` the checkpoint to resume from, then the tokenizer and
+    the data, read by ``load(options, tokenizer, spec)`` → (train, eval, stats)."""
+    device = setup_device(options)
+    check_attention(options, device)
+    check_distributed(options, device)
+    config = load_config(options.model)
+    resume_from = find_resume_checkpoint(options, out) if out is not None else None
+    tokenizer = load_tokenizer(default_tokenizer(options))
+    spec = DataSpec.from_options(options)
+    train, held_out, stats = load(options, tokenizer, spec)
+    return Prepared(device, config, tokenizer, spec, train, held_out, stats, resume_from)
+
+
+def start_run(options: TrainOptions, out: Path, lock: RunLock | None, load,
+              describe) -> tuple[Run, torch.device, object]:
+    """:func:`prepare`, then the :class:`Run`, and (rank 0) its ``config.yaml`` and ``elmtune.json``
+    (``describe(options, spec, stats, tokenizer)``); returns the run, the device and the model's config."""
+    p = prepare(options, load, out)
+    run = Run(options, out, p.tokenizer, p.spec, p.train, p.eval, p.stats, resume_from=p.resume_from, lock=lock)
+    if world()[0] == 0:
+        write_yaml(options, out / "config.yaml")
+        (out / METADATA_FILE).write_text(json.dumps(describe(options, p.spec, p.stats, p.tokenizer), indent=2),
+                                         encoding="utf-8")
+    return run, p.device, p.config
+
+
 # ----------------------------------------------------------------------------------------------- the recipe
 
 
-def setup(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()) -> Run:
-    """Check everything that can be checked before any weights are loaded, then build the Trainer."""
+def setup(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = (), build=None) -> Run:
+    """Check everything that can be checked before any weights are loaded, then build the Trainer (with
+    ``build(options, out, lock, callbacks)``: the supervised one by default); the output directory's lock is given
+    back if that fails."""
     out, lock = check_output_dir(options)
     try:
-        return _build_run(options, out, lock, callbacks)
+        return (build or _build_run)(options, out, lock, callbacks)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -529,19 +577,9 @@ def setup(options: TrainOptions, callbacks: list[TrainerCallback] | tuple = ()) 
 
 
 def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks) -> Run:
-    device = setup_device(options)  # first: nothing may touch CUDA before this process's GPU is chosen
-    check_attention(options, device)
-    check_distributed(options, device)
-    config = load_config(options.model)  # fails fast on a wrong --model, before data is read
-    resume_from = find_resume_checkpoint(options, out)
-    tokenizer = load_tokenizer(default_tokenizer(options))
-    spec = DataSpec.from_options(options)
-    train_examples, eval_examples, stats = load_data(options, tokenizer, spec)
-    run = Run(options, out, tokenizer, spec, train_examples, eval_examples, stats, resume_from=resume_from, lock=lock)
-    if world()[0] == 0:
-        write_yaml(options, out / "config.yaml")
-        (out / METADATA_FILE).write_text(json.dumps(metadata(options, spec, stats, tokenizer), indent=2),
-                                         encoding="utf-8")
+    run, device, config = start_run(options, out, lock, load_data, metadata)
+    tokenizer, train_examples, eval_examples, resume_from = run.tokenizer, run.train_examples, run.eval_examples, \
+        run.resume_from
 
     precision = resolve_precision(options.precision, device)
     dtype = DTYPE_OF[precision]
