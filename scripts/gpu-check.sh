@@ -29,7 +29,7 @@ done
 
 # Packages the GPU image lacks or has too old, pinned to the versions this checkout was tested with.
 WHEELS=(transformers tokenizers huggingface-hub peft datasets dill multiprocess fastapi starlette annotated-doc
-        pydantic pydantic-core annotated-types typing-inspection uvicorn openai jiter distro sniffio gguf)
+        pydantic pydantic-core annotated-types typing-inspection uvicorn openai jiter distro sniffio gguf trl)
 # Optional, fetched at their newest release only when named in $GPU_CHECK_EXTRAS (e.g. "bitsandbytes": QLoRA's
 # test skips without it; its wheel alone is ~43 MB, which a size-limited transfer to the GPU host may not take).
 read -r -a OPTIONAL_WHEELS <<< "${GPU_CHECK_EXTRAS:-}"
