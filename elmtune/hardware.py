@@ -118,9 +118,12 @@ def machine_key(device: torch.device | str = "cpu") -> dict:
 def measured(name: str, inputs: dict, measure: Callable[[], dict], device: torch.device | str = "cpu") -> dict | None:
     """Probe ``name``'s result for ``inputs`` on this machine: from the cache, or ``measure()``d now and stored.
 
-    None when probing is turned off (``ELMTUNE_PROBE=0``) and nothing is cached.  A cache that cannot be read or
-    written is ignored (the probe is then measured again next time), never an error.
+    None when probing is turned off (``ELMTUNE_PROBE=0``): every choice then takes its documented default, whatever
+    is cached.  A cache that cannot be read or written is ignored (the probe is then measured again next time),
+    never an error.  The measurement runs in a thread of its own (:func:`isolated`).
     """
+    if not probing_enabled():
+        return None
     key = {"probe": name, "inputs": inputs, "machine": machine_key(device)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "probes" / f"{name}-{digest}.json"
@@ -128,10 +131,8 @@ def measured(name: str, inputs: dict, measure: Callable[[], dict], device: torch
         return json.loads(path.read_text())["result"]
     except (OSError, ValueError, KeyError):
         pass
-    if not probing_enabled():
-        return None
     start = time.perf_counter()
-    result = measure()
+    result = isolated(measure)
     log.info("measured %s on this machine in %.1f s: %s (cached in %s)", name, time.perf_counter() - start, result,
              path)
     try:
@@ -142,6 +143,27 @@ def measured(name: str, inputs: dict, measure: Callable[[], dict], device: torch
     except OSError as error:
         log.debug("could not cache probe %s: %s", name, error)
     return result
+
+
+def isolated(fn: Callable[[], dict]) -> dict:
+    """``fn()`` in a fresh thread, out of the caller's autograd state.
+
+    A probe is first needed lazily, inside a training forward: under activation checkpointing (whose saved-tensor
+    hooks would record the probe's own tensors and break the recomputation's count), under ``no_grad`` (its
+    backward would fail) or under autocast.  Grad mode, autocast and saved-tensor hooks are thread-local, so a new
+    thread starts clean; the caller's CUDA device is made current there too.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    cuda = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def run() -> dict:
+        if cuda is not None:
+            torch.cuda.set_device(cuda)
+        return fn()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result()
 
 
 def best_times(candidates: dict[str, Callable[[], object]], repeats: int = 3,

@@ -49,6 +49,9 @@ def test_probing_can_be_turned_off_and_a_broken_cache_is_measured_again(tmp_path
     monkeypatch.setenv("ELMTUNE_PROBE", "1")
     assert measured("demo", {}, lambda: {"x": 1}) == {"x": 1}
     (file,) = (tmp_path / "probes").glob("demo-*.json")
+    monkeypatch.setenv("ELMTUNE_PROBE", "0")  # off means the defaults, even with a result cached
+    assert measured("demo", {}, lambda: pytest.fail("measured although probing is off")) is None
+    monkeypatch.setenv("ELMTUNE_PROBE", "1")
     file.write_text("{not json")
     assert measured("demo", {}, lambda: {"x": 2}) == {"x": 2}
 

@@ -192,7 +192,6 @@ CPU_ATTENTION_IN_FP32: bool | None = None
 NATIVE_MARGIN = 0.05
 
 
-@functools.lru_cache(maxsize=None)
 def cpu_attention_in_fp32(dtype: torch.dtype, query_heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether packed attention on this CPU should attend 16-bit inputs in fp32 (cast up, attend, cast back).
 
@@ -201,8 +200,13 @@ def cpu_attention_in_fp32(dtype: torch.dtype, query_heads: int, kv_heads: int, h
     measured more than :data:`NATIVE_MARGIN` faster (fp32 rounds less, so near-ties go to it, and so does a
     machine where probing is off, ``ELMTUNE_PROBE=0``).
     """
-    if CPU_ATTENTION_IN_FP32 is not None:
+    if CPU_ATTENTION_IN_FP32 is not None:  # read on every call: only the measurement is remembered
         return CPU_ATTENTION_IN_FP32
+    return _measured_attention_in_fp32(dtype, query_heads, kv_heads, head_dim)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_attention_in_fp32(dtype: torch.dtype, query_heads: int, kv_heads: int, head_dim: int) -> bool:
     from ..hardware import best_times, measured
 
     def measure() -> dict:

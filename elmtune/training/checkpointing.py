@@ -152,7 +152,7 @@ def measure_modes(layer: nn.Module, lengths: list[int], dtype: torch.dtype, devi
 
 
 #: Tokens in the probe's packed row (documents of the run's median length): enough for the matmuls to dominate
-#: as in training, small enough to take seconds (one layer, two modes, a warm-up and a timed run each).
+#: as in training, small enough to take seconds (one layer, two modes, a warm-up and three timed runs each).
 PROBE_TOKENS = 512
 
 
@@ -174,7 +174,7 @@ def measured_modes(model: nn.Module, median_length: int, dtype: torch.dtype, dev
               "dtype": str(dtype), "lengths": lengths, "modes": list(modes)}
 
     def measure() -> dict:
-        times = measure_modes(layer, lengths, dtype, device, config, modes)
+        times = measure_modes(layer, lengths, dtype, device, config, modes, repeats=3)  # one run could be a slow spell
         return {mode: round(t, 5) for mode, t in times.items()}
 
     return measured("checkpointing-modes", inputs, measure, device)

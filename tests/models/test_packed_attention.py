@@ -234,27 +234,57 @@ def test_cpu_packed_attention_in_bf16_either_way_matches_fp32(monkeypatch, in_fp
 def test_cpu_attention_precision_follows_the_measurement(monkeypatch):
     import elmtune.hardware as hardware
 
-    openelm.cpu_attention_in_fp32.cache_clear()
+    openelm._measured_attention_in_fp32.cache_clear()
     seen = []
     for faster in (True, False):
         monkeypatch.setattr(hardware, "measured", lambda name, inputs, measure, device="cpu", faster=faster: (
             seen.append((name, inputs)) or {"fp32": faster}))
-        openelm.cpu_attention_in_fp32.cache_clear()
+        openelm._measured_attention_in_fp32.cache_clear()
         assert openelm.cpu_attention_in_fp32(torch.bfloat16, 12, 3, 64) is faster
     assert seen[0] == ("cpu-attention-precision", {"dtype": "torch.bfloat16", "query_heads": 12, "kv_heads": 3,
                                                    "head_dim": 64})
     monkeypatch.setattr(hardware, "measured", lambda *a, **k: None)  # probing off: fp32, which rounds less
-    openelm.cpu_attention_in_fp32.cache_clear()
+    openelm._measured_attention_in_fp32.cache_clear()
     assert openelm.cpu_attention_in_fp32(torch.bfloat16, 12, 3, 64) is True
-    openelm.cpu_attention_in_fp32.cache_clear()
+    openelm._measured_attention_in_fp32.cache_clear()
 
 
 def test_the_cpu_attention_probe_measures_both_precisions(tmp_path, monkeypatch):
     monkeypatch.setenv("ELMTUNE_CACHE_DIR", str(tmp_path))
-    openelm.cpu_attention_in_fp32.cache_clear()
+    openelm._measured_attention_in_fp32.cache_clear()
     choice = openelm.cpu_attention_in_fp32(torch.bfloat16, 2, 1, 8)
     (file,) = (tmp_path / "probes").glob("cpu-attention-precision-*.json")
     result = __import__("json").loads(file.read_text())["result"]
     assert result["fp32_s"] > 0 and result["bfloat16_s"] > 0
     assert choice == (result["bfloat16_s"] >= (1 - openelm.NATIVE_MARGIN) * result["fp32_s"]) == result["fp32"]
-    openelm.cpu_attention_in_fp32.cache_clear()
+    openelm._measured_attention_in_fp32.cache_clear()
+
+
+def test_the_attention_probe_runs_clean_inside_checkpointing_and_no_grad(tmp_path, monkeypatch):
+    """The probe is first needed lazily, inside a training forward: under non-reentrant activation checkpointing
+    its own tensors must not be recorded with the layer's (the recomputation would count 82 against 22 and fail),
+    and under no_grad its backward must still work."""
+    import shutil
+
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setenv("ELMTUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ELMTUNE_PROBE", "1")
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, 19, 16, generator=generator).bfloat16().requires_grad_() for heads in (4, 2, 2))
+
+    def attend(*inputs):
+        return openelm.packed_sdpa_attention(None, *inputs, BOUNDS, 0.25)
+
+    try:
+        openelm._measured_attention_in_fp32.cache_clear()
+        checkpoint(attend, q, k, v, use_reentrant=False).float().sum().backward()  # measured inside, recomputed
+        assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in (q, k, v))
+        assert list((tmp_path / "probes").glob("cpu-attention-precision-*.json"))
+        openelm._measured_attention_in_fp32.cache_clear()
+        shutil.rmtree(tmp_path / "probes")
+        with torch.no_grad():  # measured inside no_grad (an evaluation before any training step)
+            attend(q, k, v)
+        assert list((tmp_path / "probes").glob("cpu-attention-precision-*.json"))
+    finally:
+        openelm._measured_attention_in_fp32.cache_clear()
