@@ -293,11 +293,13 @@ def quantize(directory: Path, bits: int, group_size: int) -> dict:
     return config["quantization"]
 
 
-def _check_output(directory: Path, overwrite: bool, flag: str, source: str) -> None:
-    """Refuse to write over anything but an empty or (with ``overwrite``) replaceable directory, never the
-    source or a directory holding it."""
-    if Path(source).exists() and Path(source).resolve().is_relative_to(directory.resolve()):
-        raise ExportError(f"{flag} {directory} would replace the source {source}; choose another directory")
+def _check_output(directory: Path, overwrite: bool, flag: str, *inputs: str | None) -> None:
+    """Refuse to write over anything but an empty or (with ``overwrite``) replaceable directory, never one of the
+    export's local ``inputs`` (the source, the base model, the tokenizer) or a directory holding it."""
+    for given in filter(None, inputs):
+        if Path(given).exists() and Path(given).resolve().is_relative_to(directory.resolve()):
+            raise ExportError(f"{flag} {directory} would replace {given}, which this export reads; choose another "
+                              "directory")
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
         raise ExportError(f"{flag} {directory} is not empty; pass --overwrite to replace it")
 
@@ -356,9 +358,9 @@ def export_mlx(source: str, output_dir: str, *, adapter_only: bool = False, base
         prompter = Prompter.for_adapter(metadata, tok, template, chat_template)
         if base_output and Path(base_output).resolve() == out.resolve():
             raise ExportError("--base-output must differ from --output-dir")
-        _check_output(out, overwrite, "--output-dir", source)
+        _check_output(out, overwrite, "--output-dir", source, base, tokenizer)
         if base_output:
-            _check_output(Path(base_output), overwrite, "--base-output", source)
+            _check_output(Path(base_output), overwrite, "--base-output", source, base, tokenizer)
         tmp = _fresh(out)
         base_tmp = _fresh(Path(base_output)) if base_output else None
         try:
@@ -389,7 +391,7 @@ def export_mlx(source: str, output_dir: str, *, adapter_only: bool = False, base
         raise ExportError("--base-output goes with --adapter-only (a fused export already holds the base)")
     if model and not adapter:
         raise ExportError("--model goes with an adapter SOURCE (the base it was trained on)")
-    _check_output(out, overwrite, "--output-dir", source)
+    _check_output(out, overwrite, "--output-dir", source, model, tokenizer)
     pipeline = load_pipeline(model=model if adapter else source, adapter=source if adapter else None,
                              tokenizer=tokenizer, template=template, dtype=torch.float32, device=device,
                              chat_template=chat_template)

@@ -236,7 +236,12 @@ def test_cli_errors_are_one_line_exit_2(embedding_trained, trained, tmp_path, ca
     assert "is not empty; pass --overwrite" in capsys.readouterr().err
     assert main(["export", "mlx", str(trained[1]), "-o", str(trained[1].parent), "--adapter-only",
                  "--overwrite"]) == 2
-    assert "would replace the source" in capsys.readouterr().err and (trained[1] / "adapter_config.json").is_file()
+    assert "would replace" in capsys.readouterr().err and (trained[1] / "adapter_config.json").is_file()
+    base_files = sorted(p.name for p in trained[0].iterdir())  # nor the base model it reads, even with --overwrite
+    assert main(["export", "mlx", str(trained[1]), "-o", str(tmp_path / "e"), "--adapter-only", "--model",
+                 str(trained[0]), "--base-output", str(trained[0]), "--overwrite"]) == 2
+    assert f"would replace {trained[0]}" in capsys.readouterr().err
+    assert sorted(p.name for p in trained[0].iterdir()) == base_files
 
 
 def test_llama2_tokenizer_encodes_the_rendered_prompt_as_elmtune(tmp_path):
