@@ -137,6 +137,15 @@ def load_init_adapter(options: TrainOptions, dtype: torch.dtype, checkpointing: 
     if recorded and not same_model(recorded, options.model):
         raise TrainError(f"--init-adapter {path} was trained on {recorded}, not on --model {options.model}; give "
                          "the adapter's own base model")
+    if options.quantize != "none":
+        raise TrainError(f"--quantize {options.quantize} cannot be combined with --init-adapter (the adapter is "
+                         "loaded on the unquantized base); drop one of them")
+    trained_with = meta.get("template", {}).get("format")
+    rendering = DataSpec.from_options(options).template.format
+    if trained_with is not None and trained_with != rendering:
+        log.warning("--init-adapter %s was trained with the prompt template %r, and this run renders prompt strings "
+                    "with %r: pass --template to keep the adapter's, unless the change is meant", path, trained_with,
+                    rendering)
     on = device if device is not None and device.type != "cpu" else None
     model = load_model(options.model, dtype=dtype, seed=options.seed, device=on,
                        attn_implementation=options.attn_implementation)

@@ -181,7 +181,7 @@ def test_dpo_on_conversations_renders_prompts_as_chat_inference_does(tmp_path):
         assert pipeline.chat_prompt(record["messages"]).input_ids == pair.prompt_ids
 
 
-def test_dpo_from_a_supervised_adapter_keeps_it_as_the_frozen_reference(tmp_path):
+def test_dpo_from_a_supervised_adapter_keeps_it_as_the_frozen_reference(tmp_path, caplog):
     from peft import PeftModel
 
     from elmtune.training.preference import finish_preference, setup_preference
@@ -189,6 +189,8 @@ def test_dpo_from_a_supervised_adapter_keeps_it_as_the_frozen_reference(tmp_path
     base, sft = train_tiny_adapter(tmp_path / "sft", lora_r=4)
     data = write_jsonl(tmp_path / "train.jsonl", rule_pairs(16, seed=0))
     run = setup_preference(options(base, data, tmp_path / "dpo", init_adapter=str(sft), max_steps=2, lr=1e-2))
+    # the SFT adapter rendered prompts with openelm-sep, this run with {instruction}: said, not silently changed
+    assert "trained with the prompt template '{instruction}{input}<sep>'" in caplog.text
     try:
         model = run.trainer.model
         assert isinstance(model, PeftModel) and set(model.peft_config) == {"default", "ref"}
@@ -214,6 +216,8 @@ def test_dpo_from_a_supervised_adapter_keeps_it_as_the_frozen_reference(tmp_path
     other = save_tiny_base(tmp_path / "other")
     with pytest.raises(TrainError, match="was trained on .*, not on --model"):
         train(options(other, data, tmp_path / "bad", init_adapter=str(sft)))
+    with pytest.raises(TrainError, match="--quantize 4bit cannot be combined with --init-adapter"):
+        train(options(base, data, tmp_path / "bad4", init_adapter=str(sft), quantize="4bit"))
 
 
 @pytest.mark.slow  # ~9 s: three short runs
