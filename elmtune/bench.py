@@ -240,7 +240,9 @@ class BenchGenerateOptions:
     model: str = opt("openelm-270m", "preset (random init) or checkpoint directory")
     new_tokens: int = opt(64, "tokens to generate per sequence", minimum=2)
     prompt_tokens: int = opt(32, "prompt length", minimum=1)
-    dtype: str = opt("bf16", "weight dtype (auto: the device's native one)", choices=("auto", "bf16", "fp16", "fp32"))
+    dtype: str = opt("auto", "weight dtype (auto: the device's native one — bf16 on Ampere+ GPUs and CPUs with "
+                             "AVX-512-BF16/AMX, fp16 on older GPUs, fp32 on other CPUs)",
+                     choices=("auto", "bf16", "fp16", "fp32"))
     device: str = opt("auto", "cuda, cuda:N, mps or cpu (auto: the GPU if there is one)")
     gguf: str | None = opt(None, "also decode with llama.cpp (llama-cpp-python, the `llama` extra) from this GGUF of "
                                  "the same weights (`elmtune export gguf MODEL --type f16`), interleaved in the same "
