@@ -60,7 +60,7 @@ class BenchTrainOptions:
                          minimum=1)
     precision: str = opt("auto", "the precision of both paths. auto: the device's native one, as `elmtune train` "
                          "picks it — bf16 (the tutorial's) on GPUs from Ampere on and on CPUs with AVX-512-BF16 or "
-                         "AMX, fp16 on older GPUs, fp32 on other CPUs (their bf16 matmuls run in software: ~100x "
+                         "AMX, fp16 on older GPUs, fp32 on other CPUs (their bf16 matmuls run in software: ~14x "
                          "slower than fp32 on an AVX2 CPU)", choices=("auto", "bf16", "fp16", "fp32"))
     device: str = opt("auto", "where to train: auto (the GPU if there is one), cuda, mps or cpu",
                       choices=("auto", "cuda", "mps", "cpu"))

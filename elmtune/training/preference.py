@@ -62,19 +62,10 @@ def supervised_view(options: TrainOptions) -> TrainOptions:
 
 
 def load_preference_data(options: TrainOptions, tokenizer, spec: DataSpec):
-    from .recipe import TrainError, split_eval
+    from .recipe import load_data
 
-    if not options.data:
-        raise TrainError("no --data given")
-    pairs, stats = load_pairs(options.data, tokenizer, spec, options.on_bad_record)
-    if options.val_file:
-        train_pairs, (eval_pairs, _) = pairs, load_pairs([options.val_file], tokenizer, spec, options.on_bad_record)
-    else:
-        train_pairs, eval_pairs = split_eval(pairs, options.val_size, options.seed)
-    if not train_pairs:
-        raise TrainError(f"no usable preference pairs in {', '.join(options.data)} ({stats.dropped_all_masked} "
-                         f"dropped: the prompt alone fills --max-length; {stats.skipped.count} bad)")
-    return train_pairs, eval_pairs, stats
+    return load_data(options, tokenizer, spec, load_pairs, "preference pairs",
+                     "dropped: the prompt alone fills --max-length")
 
 
 def _dataset(pairs):

@@ -268,18 +268,20 @@ def default_tokenizer(options: TrainOptions) -> str:
                      "one; the tutorial uses Llama-2's: --tokenizer meta-llama/Llama-2-7b-hf or a local copy)")
 
 
-def load_data(options: TrainOptions, tokenizer: Tokenizer, spec: DataSpec):
+def load_data(options: TrainOptions, tokenizer: Tokenizer, spec: DataSpec, load=load_examples,
+              what: str = "training examples", dropped: str = "dropped with no answer left"):
+    """(train, held out, stats): ``--data`` read by ``load`` (examples, or preference pairs), held out from it
+    (``--val-size``) or read from ``--val-file``."""
     if not options.data:
         raise TrainError("no --data given")
-    examples, stats = load_examples(options.data, tokenizer, spec, options.on_bad_record)
+    examples, stats = load(options.data, tokenizer, spec, options.on_bad_record)
     if options.val_file:
-        train_examples, (eval_examples, _) = examples, load_examples([options.val_file], tokenizer, spec,
-                                                                     options.on_bad_record)
+        train_examples, (eval_examples, _) = examples, load([options.val_file], tokenizer, spec, options.on_bad_record)
     else:
         train_examples, eval_examples = split_eval(examples, options.val_size, options.seed)
     if not train_examples:
-        raise TrainError(f"no usable training examples in {', '.join(options.data)} "
-                         f"({stats.dropped_all_masked} dropped with no answer left, {stats.skipped.count} bad)")
+        raise TrainError(f"no usable {what} in {', '.join(options.data)} "
+                         f"({stats.dropped_all_masked} {dropped}, {stats.skipped.count} bad)")
     return train_examples, eval_examples, stats
 
 
