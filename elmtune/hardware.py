@@ -4,7 +4,8 @@ Speed choices that paid on one CPU cost on another (CPU flash-attention backward
 bf16 on an AVX-512 CPU without AMX; on an AMX CPU bf16 kernels are the fast ones; on an AVX2-only CPU bf16
 matmuls are computed in software: 0.4 against 5.6 GFLOP/s in fp32 at 512 × 512 on an AVX2 EPYC).  So elmtune
 does not carry constants tuned on one machine: where a choice depends on the hardware it is read from the CPU's
-flags or *measured* by a probe of a few seconds at most, the first time it is needed, and the result is cached per machine:
+flags or *measured* by a probe of a few seconds at most, the first time it is needed, and the result is cached
+per machine:
 
 * :func:`cpu_info` — the CPU's model name and flags (``/proc/cpuinfo``; ``sysctl`` on macOS), and which bf16
   instructions it has (AVX-512-BF16, AMX-BF16), as ``elmtune bench train`` prints them;
