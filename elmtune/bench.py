@@ -240,8 +240,10 @@ class BenchGenerateOptions:
     model: str = opt("openelm-270m", "preset (random init) or checkpoint directory")
     new_tokens: int = opt(64, "tokens to generate per sequence", minimum=2)
     prompt_tokens: int = opt(32, "prompt length", minimum=1)
-    dtype: str = opt("auto", "weight dtype (auto: the device's native one — bf16 on Ampere+ GPUs and CPUs with "
-                             "AVX-512-BF16/AMX, fp16 on older GPUs, fp32 on other CPUs)",
+    dtype: str = opt("auto", "weight dtype (auto: with --gguf, the GGUF's own — f16 → fp16, the same weights; "
+                             "else the device's native one — bf16 on Ampere+ GPUs and CPUs with AVX-512-BF16/AMX, "
+                             "fp16 on older GPUs, fp32 on other CPUs).  On a CPU, fp16/bf16 weights stay 16-bit and "
+                             "compute in fp32 through elmtune's decoding kernel where it runs and pays",
                      choices=("auto", "bf16", "fp16", "fp32"))
     device: str = opt("auto", "cuda, cuda:N, mps or cpu (auto: the GPU if there is one)")
     gguf: str | None = opt(None, "also decode with llama.cpp (llama-cpp-python, the `llama` extra) from this GGUF of "
@@ -283,6 +285,10 @@ def _elmtune_run(model, ids: torch.Tensor, new_tokens: int, fast: bool) -> tuple
     out = model.generate(ids, cache=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=0, eos_token_id=2, stopping_criteria=StoppingCriteriaList([stamps]))
     return decode_rate(stamps.times, ids.shape[0]), out[0, ids.shape[1]:].tolist()
+
+
+#: A GGUF's weight type → the ``--dtype`` that loads the same weights (``auto`` follows the peer's file).
+GGUF_DTYPES = {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}
 
 
 class LlamaCppPeer:
@@ -340,7 +346,6 @@ def bench_generate(options: BenchGenerateOptions) -> dict:
     from .models.loading import load_model
 
     device = pick_device(options.device)
-    dtype = pick_dtype(device, options.dtype)
     threads = torch.get_num_threads()
     peer, skipped = None, None
     if options.gguf:
@@ -348,7 +353,16 @@ def bench_generate(options: BenchGenerateOptions) -> dict:
             peer = LlamaCppPeer(options.gguf, options.prompt_tokens + options.new_tokens + 8, threads)
         except ImportError as error:
             skipped = str(error)
+    requested = options.dtype
+    if requested == "auto" and peer is not None and peer.file_type in GGUF_DTYPES:
+        requested = GGUF_DTYPES[peer.file_type]  # the same weights as the peer's: f16 against f16
+    dtype = pick_dtype(device, requested)
     model = load_model(options.model, dtype=dtype, device=device).eval()
+    arithmetic = ""
+    if device.type == "cpu":
+        from .models.weights16 import prepare
+
+        arithmetic = prepare(model)
     prompts = {batch: torch.randint(3, model.config.vocab_size, (batch, options.prompt_tokens), device=device,
                                     generator=torch.Generator(device=device).manual_seed(0)) for batch in (1, 8)}
     paths = [("elmtune", b, True) for b in (1, 8)] + [("reference", b, False) for b in (1, 8) if options.reference]
@@ -373,7 +387,7 @@ def bench_generate(options: BenchGenerateOptions) -> dict:
         from .hardware import cpu_info
 
         print(f"CPU: {cpu_info().describe()}")
-    print(f"bench generate: {options.model} on {describe(device, dtype)}, prompt "
+    print(f"bench generate: {options.model} on {describe(device, dtype)}{f' ({arithmetic})' if arithmetic else ''}, prompt "
           f"{options.prompt_tokens} tokens, {options.new_tokens} new tokens, greedy with KV cache{where}; decode "
           f"tokens/s (after the first token), best of {options.repeats} interleaved rounds (all rounds in brackets)")
     for name, rate in best.items():

@@ -8,6 +8,7 @@ prompts exactly as training did unless told otherwise (:class:`Prompter`).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from .data import ChatTemplate, DataError, Fields, RenderedPrompt, Template, cha
 from .data.formats import normalize_messages
 from .options import SEED_MAX, opt
 from .tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger("elmtune")
 
 METADATA_FILE = "elmtune.json"
 
@@ -158,7 +161,8 @@ def _has_tokenizer(directory: Path) -> bool:
 
 def load_pipeline(model: str | None = None, adapter: str | None = None, tokenizer: str | None = None,
                   template: str | None = None, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
-                  adapter_name: str = "default", chat_template: str | None = None) -> Pipeline:
+                  adapter_name: str = "default", chat_template: str | None = None,
+                  decode_kernel: bool = True) -> Pipeline:
     """Base model (a directory, hub id or preset) plus an optional adapter directory.
 
     Without ``model``, the adapter's recorded base model is used; without ``tokenizer``, the adapter's copy,
@@ -167,6 +171,8 @@ def load_pipeline(model: str | None = None, adapter: str | None = None, tokenize
     --method full`` output) — see :meth:`Prompter.for_adapter`; a bad override fails before the model is loaded.
     ``device`` and ``dtype`` default to the best present (:mod:`elmtune.device`: the GPU in bf16 where it is
     native, …); the weights are loaded in ``dtype`` and then moved, so a 3B model never sits in fp32 on the GPU.
+    On a CPU, 16-bit weights stay 16-bit and compute in fp32 through elmtune's decoding kernel where it runs and
+    pays (:func:`elmtune.models.weights16.prepare`; ``decode_kernel=False`` keeps the model exactly as loaded).
     """
     from .device import pick_device, pick_dtype
     from .models.loading import load_model
@@ -194,6 +200,11 @@ def load_pipeline(model: str | None = None, adapter: str | None = None, tokenize
 
         net = PeftModel.from_pretrained(net, adapter, adapter_name=adapter_name)
     net = net.to(device)  # the adapter's weights too
+    if device.type == "cpu" and decode_kernel:
+        from .models.weights16 import prepare
+
+        if done := prepare(net):
+            log.info("decoding on the CPU from %s", done)
     return Pipeline(net.eval(), tok, prompter.template, metadata, prompter)
 
 

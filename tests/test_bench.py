@@ -66,3 +66,19 @@ def test_bench_train_reports_the_cpu_and_runs_every_path_in_one_precision(capsys
     assert f"CPU: {cpu_info().model} (" in out and "bf16 in hardware:" in out
     assert f", {options.precision}, batch 8" in out
     assert options.precision == ("bf16" if cpu_info().bf16_features else "fp32")
+
+
+def test_bench_generate_auto_dtype_follows_an_f16_gguf_to_the_same_weights(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install 'elmtune[llama]')")
+    from elmtune.export_gguf import export_gguf
+    from elmtune.models import weights16
+
+    monkeypatch.setattr(weights16, "kernel_pays", lambda *args: True)
+    base = save_tiny_base(tmp_path / "base")
+    export_gguf(str(base), str(tmp_path / "m.gguf"), "f16")
+    result = bench_generate(BenchGenerateOptions(model=str(base), new_tokens=6, prompt_tokens=5, device="cpu",
+                                                 gguf=str(tmp_path / "m.gguf"), reference=False, repeats=1))
+    assert result["dtype"] == "float16"  # auto: the GGUF's f16, not this CPU's fp32
+    out = capsys.readouterr().out
+    if weights16.kernel_available()[0]:
+        assert "float16 weights, fp32 arithmetic (elmtune's CPU kernel)" in out

@@ -35,6 +35,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 
+from . import weights16
 from .configuration_openelm import OpenELMConfig
 
 try:
@@ -86,6 +87,8 @@ class OpenELMRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return _RMSNorm.apply(x, self.weight, self.eps)
+        if x.dtype == self.weight.dtype == torch.float32:  # fp32 inference: the same arithmetic in one fused op
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # (8 ops → 1 per norm, 65 per decode step)
         return _rms_norm(x, self.weight, self.eps)[0]  # inference: no autograd Function per call
 
 
@@ -486,6 +489,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * scale, weight_grad, None, None
 
 
+def head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits ``hidden @ weight.T``; a 16-bit head under fp32 arithmetic (:func:`weights16.prepare`, decoding on
+    a CPU) goes through :func:`weights16.linear`."""
+    return F.linear(hidden, weight) if weight.dtype == hidden.dtype else weights16.linear(hidden, weight)
+
+
 def supervised_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                     num_items_in_batch: torch.Tensor | int | None = None, chunk_size: int = 256) -> torch.Tensor:
     """Causal-LM loss computed only where a label is supervised, in chunks, in fp32.
@@ -500,7 +509,7 @@ def supervised_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: t
     if torch.is_grad_enabled():
         total = _LinearCrossEntropy.apply(hidden, weight, wanted, chunk_size)
     else:  # evaluation: the same chunked fp32 loss, without computing gradients nobody will use
-        total = sum(F.cross_entropy(F.linear(hidden[i:i + chunk_size], weight).float(), wanted[i:i + chunk_size],
+        total = sum(F.cross_entropy(head(hidden[i:i + chunk_size], weight).float(), wanted[i:i + chunk_size],
                                     reduction="sum") for i in range(0, hidden.shape[0], chunk_size))
         total = torch.as_tensor(total, dtype=torch.float32, device=hidden.device)
     denominator = num_items_in_batch if num_items_in_batch is not None else max(int(selected.sum()), 1)
@@ -556,7 +565,7 @@ class OpenELMForCausalLM(OpenELMPreTrainedModel, GenerationMixin):
                                    kwargs.get("num_items_in_batch"))
             return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = F.linear(hidden_states, self.output_weight())  # [b, s, vocab]
+        logits = head(hidden_states, self.output_weight())  # [b, s, vocab]
         loss = None
         if labels is not None:
             # transformers' causal-LM loss: shifts labels, ignores -100, upcasts logits to fp32, and honours
