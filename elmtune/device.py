@@ -32,7 +32,8 @@ PRECISION_OF = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 DEVICE_HELP = "cuda, cuda:N, mps or cpu (default auto: the GPU if there is one, else mps, else the CPU)"
 DTYPE_HELP = ("weight dtype: auto = bf16 where the device computes it natively (Ampere+ GPUs, CPUs with "
-              "AVX-512-BF16/AMX), fp16 on older GPUs and mps, else fp32")
+              "AVX-512-BF16/AMX), fp16 on older GPUs and mps, else fp32.  On a CPU, fp16/bf16 weights stay 16-bit "
+              "and compute in fp32 through elmtune's decoding kernel where it runs and pays (fastest CPU decoding)")
 
 
 class DeviceError(ValueError):

@@ -121,10 +121,30 @@ def measured(name: str, inputs: dict, measure: Callable[[], dict], device: torch
 
     None when probing is turned off (``ELMTUNE_PROBE=0``): every choice then takes its documented default, whatever
     is cached.  A cache that cannot be read or written is ignored (the probe is then measured again next time),
-    never an error.  The measurement runs in a thread of its own (:func:`isolated`).
+    never an error.  The measurement runs in a thread of its own (:func:`isolated`).  Under torchrun (a default
+    process group of several ranks) only rank 0 measures and every rank gets its result: the ranks would otherwise
+    time each other's load and could choose differently.  Every rank must reach the probe, as they do (the same
+    code path at the same step).
     """
     if not probing_enabled():
         return None
+    if _ranks() > 1:  # under torchrun: rank 0 measures (or reads its cache), every rank takes its result
+        import torch.distributed as dist
+
+        result = [_measured_here(name, inputs, measure, device) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(result, src=0)
+        return result[0]
+    return _measured_here(name, inputs, measure, device)
+
+
+def _ranks() -> int:
+    """The number of processes in the default process group (1 when there is none)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _measured_here(name: str, inputs: dict, measure: Callable[[], dict], device: torch.device | str) -> dict:
     key = {"probe": name, "inputs": inputs, "machine": machine_key(device)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "probes" / f"{name}-{digest}.json"

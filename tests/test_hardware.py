@@ -67,3 +67,28 @@ def test_best_times_times_every_candidate():
     times = best_times({"a": bump("a"), "b": bump("b")}, repeats=3)
     assert set(times) == {"a", "b"} and all(0 <= t < 1 for t in times.values())
     assert calls == {"a": 4, "b": 4}  # a warm-up and three timed calls each
+
+
+def _probe_on_rank(rank: int, init: str, cache: str, results) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["ELMTUNE_CACHE_DIR"] = cache
+    os.environ["ELMTUNE_PROBE"] = "1"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        results[rank] = measured("ranks", {"n": 1}, lambda: {"measured_on": rank})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_torchrun_rank_0_measures_and_every_rank_takes_its_result(tmp_path):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_probe_on_rank, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "cache"), results),
+                 nprocs=2)
+        assert dict(results) == {0: {"measured_on": 0}, 1: {"measured_on": 0}}
+    assert len(list((tmp_path / "cache" / "probes").glob("ranks-*.json"))) == 1  # written once, by rank 0

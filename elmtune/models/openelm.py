@@ -208,6 +208,15 @@ def cpu_attention_in_fp32(dtype: torch.dtype, query_heads: int, kv_heads: int, h
     return _measured_attention_in_fp32(dtype, query_heads, kv_heads, head_dim)
 
 
+def settle_cpu_attention(config: OpenELMConfig, dtype: torch.dtype, device: torch.device) -> None:
+    """Take :func:`cpu_attention_in_fp32`'s decision now, for every layer shape of ``config``, rather than lazily
+    inside a forward: under torchrun the probe is a collective (rank 0 measures, :func:`elmtune.hardware.measured`),
+    and whether a forward needs it depends on its batch (packed rows or not), so not every rank would get there."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        for query_heads, kv_heads in sorted(set(zip(config.num_query_heads, config.num_kv_heads))):
+            cpu_attention_in_fp32(dtype, query_heads, kv_heads, config.head_dim)
+
+
 @functools.lru_cache(maxsize=None)
 def _measured_attention_in_fp32(dtype: torch.dtype, query_heads: int, kv_heads: int, head_dim: int) -> bool:
     from ..hardware import best_times, measured

@@ -32,9 +32,10 @@ from transformers.trainer_callback import PrinterCallback
 from ..data import DataSpec
 from ..data.preference import load_pairs
 from ..device import resolve_precision
+from ..models.openelm import settle_cpu_attention
 from .args import PREFERENCE_METHODS, TrainOptions
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses, plot_rewards
-from .checkpointing import checkpointing_mode, enable_checkpointing
+from .checkpointing import checkpointing_mode, enable_checkpointing, settle_selective
 from .plan import (count_parameters, count_steps, decide_checkpointing, estimate_disk, estimate_memory,
                    memory_fits, world)
 from .safety import AtomicCheckpointTrainer, GracefulStop, NonFiniteGuard, save_atomically
@@ -322,8 +323,13 @@ def _build_run(options: TrainOptions, out: Path, lock, callbacks):
     # chosen and rejected of each pair go through the model together: twice the rows of a supervised batch
     checkpointing, why = decide_checkpointing(base, config, total - trainable, trainable, 2 * longest, precision,
                                               device)
-    log.info("gradient checkpointing %s (%s)", checkpointing, why)
     model = build_policy(options, dtype, checkpointing, device)
+    settle_cpu_attention(config, dtype, device)
+    if checkpointing == "on":  # as supervised runs: selective only where it beats full here (measured, cached)
+        median = sorted(2 * p.longest for p in train_pairs)[len(train_pairs) // 2]
+        checkpointing, measured = settle_selective(model, median, dtype, device)
+        why = f"{why}; {measured}"
+    log.info("gradient checkpointing %s (%s)", checkpointing, why)
     reference = build_reference(options, dtype, device) if options.method == "dpo" and options.tune == "full" else None
     if options.method == "dpo":
         expose_tied_head(model)

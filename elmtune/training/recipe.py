@@ -34,6 +34,7 @@ from ..device import DeviceError, local_rank, pick_device, resolve_precision
 from ..models import PRESETS
 from ..data.collate import PackedCollator
 from ..models.loading import load_config
+from ..models.openelm import settle_cpu_attention
 from ..options import write_yaml
 from ..tokenizer import Tokenizer, load_tokenizer
 from .args import PREFERENCE_METHODS, TrainOptions
@@ -594,6 +595,7 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
     checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, longest, precision,
                                               device)
     model = build_model(options, dtype, checkpointing, device)
+    settle_cpu_attention(config, dtype, device)
     if checkpointing == "on":  # selective only where it beats full on this machine (measured once, cached)
         median = sorted(len(e.input_ids) for e in train_examples)[len(train_examples) // 2]
         checkpointing, measured = settle_selective(model, median, dtype, device)

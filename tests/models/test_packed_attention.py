@@ -288,3 +288,21 @@ def test_the_attention_probe_runs_clean_inside_checkpointing_and_no_grad(tmp_pat
         assert list((tmp_path / "probes").glob("cpu-attention-precision-*.json"))
     finally:
         openelm._measured_attention_in_fp32.cache_clear()
+
+
+def test_the_attention_probe_is_settled_at_setup_for_every_layer_shape(tmp_path, monkeypatch):
+    """Taken at setup, not first inside a forward: under torchrun the probe is a collective every rank must reach."""
+    from tests.helpers import tiny_config
+
+    monkeypatch.setenv("ELMTUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ELMTUNE_PROBE", "1")
+    config = tiny_config(num_transformer_layers=3, qkv_multipliers=[0.5, 1.0])
+    shapes = set(zip(config.num_query_heads, config.num_kv_heads))
+    try:
+        openelm._measured_attention_in_fp32.cache_clear()
+        openelm.settle_cpu_attention(config, torch.float32, torch.device("cpu"))  # fp32: nothing to decide
+        assert openelm._measured_attention_in_fp32.cache_info().currsize == 0
+        openelm.settle_cpu_attention(config, torch.bfloat16, torch.device("cpu"))
+        assert openelm._measured_attention_in_fp32.cache_info().currsize == len(shapes) > 1
+    finally:
+        openelm._measured_attention_in_fp32.cache_clear()

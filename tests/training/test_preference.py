@@ -221,11 +221,15 @@ def test_dpo_from_a_supervised_adapter_keeps_it_as_the_frozen_reference(tmp_path
 
 
 @pytest.mark.slow  # ~9 s: three short runs
-def test_dpo_resumes_to_the_same_adapter_with_selective_checkpointing(tmp_path):
+def test_dpo_resumes_to_the_same_adapter_with_selective_checkpointing(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from elmtune.training import preference
     from elmtune.training.checkpointing import checkpointing_mode
     from elmtune.training.preference import finish_preference, setup_preference
+
+    # selective whatever this machine's probe would choose (where it measures slower than full, full is used)
+    monkeypatch.setattr(preference, "settle_selective", lambda *args: ("on", "kept for this test"))
 
     base = save_tiny_base(tmp_path / "base")
     data = write_jsonl(tmp_path / "train.jsonl", rule_pairs(32, seed=0))
@@ -323,3 +327,26 @@ def test_preference_options_and_a_missing_trl(tmp_path, monkeypatch, capsys):
 
     with pytest.raises(TrainError, match=r"--method orpo needs TRL: pip install 'elmtune\[preference\]'"):
         require_trl("orpo")
+
+
+def test_a_preference_run_measures_selective_checkpointing_like_a_supervised_one(tmp_path, monkeypatch):
+    from elmtune.training import preference
+    from elmtune.training.checkpointing import checkpointing_mode
+    from elmtune.training.preference import setup_preference
+
+    asked = []
+
+    def slower_here(model, median, dtype, device):
+        asked.append(median)
+        preference.enable_checkpointing(model, "full")
+        return "full", "selective measured slower than full here"
+
+    monkeypatch.setattr(preference, "settle_selective", slower_here)
+    base = save_tiny_base(tmp_path / "base")
+    data = write_jsonl(tmp_path / "train.jsonl", rule_pairs(16, seed=0))
+    run = setup_preference(options(base, data, tmp_path / "out", max_steps=1, gradient_checkpointing="on"))
+    try:
+        assert asked and asked[0] > 0
+        assert checkpointing_mode(run.trainer.model) == "full"
+    finally:
+        run.close()
