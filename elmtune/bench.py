@@ -363,10 +363,13 @@ def bench_generate(options: BenchGenerateOptions) -> dict:
     dtype = pick_dtype(device, requested)
     model = load_model(options.model, dtype=dtype, device=device).eval()
     arithmetic = ""
-    if device.type == "cpu":
+    if device.type == "cpu" and dtype != torch.float32:
         from .models.weights16 import prepare
 
         arithmetic = prepare(model)
+        if not arithmetic and requested != options.dtype:  # followed the GGUF, but the kernel is not used here:
+            model = model.float()  # the same (16-bit-rounded) weights, in fp32 — not PyTorch's slow 16-bit CPU path
+            arithmetic = f"{str(dtype).removeprefix('torch.')} weights in fp32"
     prompts = {batch: torch.randint(3, model.config.vocab_size, (batch, options.prompt_tokens), device=device,
                                     generator=torch.Generator(device=device).manual_seed(0)) for batch in (1, 8)}
     paths = [("elmtune", b, True) for b in (1, 8)] + [("reference", b, False) for b in (1, 8) if options.reference]
@@ -391,7 +394,8 @@ def bench_generate(options: BenchGenerateOptions) -> dict:
         from .hardware import cpu_info
 
         print(f"CPU: {cpu_info().describe()}")
-    print(f"bench generate: {options.model} on {describe(device, dtype)}{f' ({arithmetic})' if arithmetic else ''}, prompt "
+    how = f" ({arithmetic})" if arithmetic else ""
+    print(f"bench generate: {options.model} on {describe(device, dtype)}{how}, prompt "
           f"{options.prompt_tokens} tokens, {options.new_tokens} new tokens, greedy with KV cache{where}; decode "
           f"tokens/s (after the first token), best of {options.repeats} interleaved rounds (all rounds in brackets)")
     for name, rate in best.items():

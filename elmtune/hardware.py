@@ -22,6 +22,7 @@ The probes themselves live next to the choice they make (packed attention's prec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -121,20 +122,48 @@ def measured(name: str, inputs: dict, measure: Callable[[], dict], device: torch
 
     None when probing is turned off (``ELMTUNE_PROBE=0``): every choice then takes its documented default, whatever
     is cached.  A cache that cannot be read or written is ignored (the probe is then measured again next time),
-    never an error.  The measurement runs in a thread of its own (:func:`isolated`).  Under torchrun (a default
-    process group of several ranks) only rank 0 measures and every rank gets its result: the ranks would otherwise
-    time each other's load and could choose differently.  Every rank must reach the probe, as they do (the same
-    code path at the same step).
+    never an error.  The measurement runs in a thread of its own (:func:`isolated`).  Under torchrun, within
+    :func:`probes_agreed_across_ranks`, only rank 0 measures and every rank gets its result.
     """
     if not probing_enabled():
         return None
-    if _ranks() > 1:  # under torchrun: rank 0 measures (or reads its cache), every rank takes its result
-        import torch.distributed as dist
-
-        result = [_measured_here(name, inputs, measure, device) if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(result, src=0)
-        return result[0]
+    if _agreeing and _ranks() > 1:
+        return _measured_on_rank_0(name, inputs, measure, device)
     return _measured_here(name, inputs, measure, device)
+
+
+_agreeing = 0
+
+
+@contextlib.contextmanager
+def probes_agreed_across_ranks():
+    """Within this block, under torchrun, probes are collective: rank 0 measures (or reads its cache) and every
+    rank takes its result — the ranks would otherwise time each other's load and could choose differently.  For a
+    training run's setup, which every rank runs alike; outside it each process measures for itself, so a probe
+    that one rank alone reaches (an evaluation on rank 0) never waits for the others."""
+    global _agreeing
+    _agreeing += 1
+    try:
+        yield
+    finally:
+        _agreeing -= 1
+
+
+def _measured_on_rank_0(name: str, inputs: dict, measure: Callable[[], dict], device: torch.device | str) -> dict:
+    import torch.distributed as dist
+
+    payload: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = ("ok", _measured_here(name, inputs, measure, device))
+        except Exception as error:  # noqa: BLE001 — handed to every rank, then raised here too
+            dist.broadcast_object_list([("error", f"{type(error).__name__}: {error}")], src=0)
+            raise
+    dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if status == "error":  # the other ranks fail with rank 0 instead of waiting for it until a timeout
+        raise RuntimeError(f"probe {name!r} failed on rank 0: {value}")
+    return value
 
 
 def _ranks() -> int:

@@ -74,11 +74,22 @@ def _probe_on_rank(rank: int, init: str, cache: str, results) -> None:
 
     import torch.distributed as dist
 
+    from elmtune.hardware import probes_agreed_across_ranks
+
     os.environ["ELMTUNE_CACHE_DIR"] = cache
     os.environ["ELMTUNE_PROBE"] = "1"
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
-        results[rank] = measured("ranks", {"n": 1}, lambda: {"measured_on": rank})
+        with probes_agreed_across_ranks():
+            results[("agreed", rank)] = measured("ranks", {"n": 1}, lambda: {"measured_on": rank})
+        # outside the block each rank measures for itself (rank 1 alone: it must not wait for rank 0)
+        if rank == 1:
+            results[("alone", rank)] = measured("ranks", {"n": 2}, lambda: {"measured_on": rank})
+        with probes_agreed_across_ranks():  # rank 0's failure reaches rank 1 instead of leaving it waiting
+            try:
+                measured("ranks", {"n": 3}, lambda: 1 / 0 if rank == 0 else {"measured_on": rank})
+            except (ZeroDivisionError, RuntimeError) as error:
+                results[("failed", rank)] = type(error).__name__
     finally:
         dist.destroy_process_group()
 
@@ -90,5 +101,6 @@ def test_under_torchrun_rank_0_measures_and_every_rank_takes_its_result(tmp_path
         results = manager.dict()
         mp.spawn(_probe_on_rank, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "cache"), results),
                  nprocs=2)
-        assert dict(results) == {0: {"measured_on": 0}, 1: {"measured_on": 0}}
-    assert len(list((tmp_path / "cache" / "probes").glob("ranks-*.json"))) == 1  # written once, by rank 0
+        assert dict(results) == {("agreed", 0): {"measured_on": 0}, ("agreed", 1): {"measured_on": 0},
+                                 ("alone", 1): {"measured_on": 1},
+                                 ("failed", 0): "ZeroDivisionError", ("failed", 1): "RuntimeError"}

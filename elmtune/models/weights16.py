@@ -93,9 +93,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
                          ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     for dtype in (torch.float16, torch.bfloat16):  # the self-check: a kernel that computes wrong is never used
         generator = torch.Generator().manual_seed(0)
-        x, w = torch.randn(5, 72, generator=generator), torch.randn(37, 72, generator=generator).to(dtype)
-        if not torch.allclose(_kernel_linear(function, x, w), x @ w.float().T, rtol=1e-4, atol=1e-4):
-            return None, f"the kernel's self-check failed in {dtype}"
+        w = torch.randn(37, 72, generator=generator).to(dtype)
+        for rows in (1, 5):  # the one-row path (batch-1 decoding) and the multi-row one
+            x = torch.randn(rows, 72, generator=generator)
+            if not torch.allclose(_kernel_linear(function, x, w), x @ w.float().T, rtol=1e-4, atol=1e-4):
+                return None, f"the kernel's self-check failed in {dtype} on {rows} row(s)"
     return function, ""
 
 
@@ -120,8 +122,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Called ~65 times per decode step of the 270M model, so the kernel's path does as little as it can in Python."""
     in_features = x.shape[-1]
     rows = x.numel() // in_features
-    function = _library()[0] if weight.device.type == "cpu" else None
-    if (function is None or rows > KERNEL_ROWS or in_features % 8 or not weight.is_contiguous()
+    function = _library()[0] if weight.device.type == x.device.type == "cpu" else None
+    if (function is None or x.dtype != torch.float32 or weight.dtype not in (torch.float16, torch.bfloat16)
+            or rows > KERNEL_ROWS or in_features % 8 or not weight.is_contiguous()
             or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight.to(x.dtype))
     x = x.contiguous()
@@ -175,9 +178,8 @@ def kernel_pays(dtype: torch.dtype, out_features: int, in_features: int) -> bool
         return {"kernel_s": round(times["kernel"], 6), "torch_s": round(times["torch"], 6),
                 "kernel": times["kernel"] <= (1 - MARGIN) * times["torch"]}
 
-    with torch.no_grad():
-        result = measured("cpu-decode-weights16", {"dtype": str(dtype), "rows": list(PROBE_ROWS),
-                                                   "shape": [out_features, in_features]}, measure)
+    result = measured("cpu-decode-weights16", {"dtype": str(dtype), "rows": list(PROBE_ROWS),
+                                               "shape": [out_features, in_features]}, measure)
     return True if result is None else bool(result["kernel"])
 
 
@@ -185,7 +187,9 @@ def prepare(model: nn.Module) -> str:
     """Make a 16-bit model on a CPU decode through the kernel (see the module doc), in place.
 
     Returns what was done, for logs: ``""`` when nothing was (not on a CPU, not 16-bit, or the kernel does not run
-    or does not pay here — the reason is in the returned text's absence and logged at debug level)."""
+    or does not pay here; the reason is logged at debug level).  A prepared model is for inference on this CPU:
+    its norms' parameters are fp32 (its state dict mixes dtypes), and moved to a GPU its 16-bit layers would
+    multiply by fp32 copies of their weights."""
     weights = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))
                and m.weight.dtype in (torch.float16, torch.bfloat16) and m.weight.device.type == "cpu"]
     if not weights:

@@ -32,6 +32,7 @@ from transformers.trainer_callback import PrinterCallback
 from ..data import DataSpec
 from ..data.preference import load_pairs
 from ..device import resolve_precision
+from ..hardware import probes_agreed_across_ranks
 from ..models.openelm import settle_cpu_attention
 from .args import PREFERENCE_METHODS, TrainOptions
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses, plot_rewards
@@ -324,11 +325,12 @@ def _build_run(options: TrainOptions, out: Path, lock, callbacks):
     checkpointing, why = decide_checkpointing(base, config, total - trainable, trainable, 2 * longest, precision,
                                               device)
     model = build_policy(options, dtype, checkpointing, device)
-    settle_cpu_attention(config, dtype, device)
-    if checkpointing == "on":  # as supervised runs: selective only where it beats full here (measured, cached)
-        median = sorted(2 * p.longest for p in train_pairs)[len(train_pairs) // 2]
-        checkpointing, measured = settle_selective(model, median, dtype, device)
-        why = f"{why}; {measured}"
+    with probes_agreed_across_ranks():  # every rank runs this setup: under torchrun, rank 0's measurements
+        settle_cpu_attention(config, dtype, device)
+        if checkpointing == "on":  # as supervised runs: selective only where it beats full here (measured, cached)
+            median = sorted(p.longest for p in train_pairs)[len(train_pairs) // 2]  # chosen, rejected: a row each
+            checkpointing, measured = settle_selective(model, median, dtype, device)
+            why = f"{why}; {measured}"
     log.info("gradient checkpointing %s (%s)", checkpointing, why)
     reference = build_reference(options, dtype, device) if options.method == "dpo" and options.tune == "full" else None
     if options.method == "dpo":

@@ -31,6 +31,7 @@ from transformers.trainer_callback import PrinterCallback
 from .. import __version__
 from ..data import DataSpec, EncodeStats, Example, load_examples
 from ..device import DeviceError, local_rank, pick_device, resolve_precision
+from ..hardware import probes_agreed_across_ranks
 from ..models import PRESETS
 from ..data.collate import PackedCollator
 from ..models.loading import load_config
@@ -595,11 +596,12 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
     checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, longest, precision,
                                               device)
     model = build_model(options, dtype, checkpointing, device)
-    settle_cpu_attention(config, dtype, device)
-    if checkpointing == "on":  # selective only where it beats full on this machine (measured once, cached)
-        median = sorted(len(e.input_ids) for e in train_examples)[len(train_examples) // 2]
-        checkpointing, measured = settle_selective(model, median, dtype, device)
-        why = f"{why}; {measured}"
+    with probes_agreed_across_ranks():  # every rank runs this setup: under torchrun, rank 0's measurements
+        settle_cpu_attention(config, dtype, device)
+        if checkpointing == "on":  # selective only where it beats full on this machine (measured once, cached)
+            median = sorted(len(e.input_ids) for e in train_examples)[len(train_examples) // 2]
+            checkpointing, measured = settle_selective(model, median, dtype, device)
+            why = f"{why}; {measured}"
     overridden = options.gradient_checkpointing not in ("auto", checkpointing)
     (log.warning if overridden else log.info)("gradient checkpointing %s (%s)", checkpointing, why)
     run.stop = GracefulStop()

@@ -341,12 +341,16 @@ def test_a_preference_run_measures_selective_checkpointing_like_a_supervised_one
         preference.enable_checkpointing(model, "full")
         return "full", "selective measured slower than full here"
 
+    loaded = []
+    load = preference.load_preference_data
     monkeypatch.setattr(preference, "settle_selective", slower_here)
+    monkeypatch.setattr(preference, "load_preference_data", lambda *a: loaded.append(load(*a)) or loaded[-1])
     base = save_tiny_base(tmp_path / "base")
     data = write_jsonl(tmp_path / "train.jsonl", rule_pairs(16, seed=0))
     run = setup_preference(options(base, data, tmp_path / "out", max_steps=1, gradient_checkpointing="on"))
     try:
-        assert asked and asked[0] > 0
+        lengths = sorted(pair.longest for pair in loaded[0][0])  # chosen and rejected are a row each
+        assert asked == [lengths[len(lengths) // 2]]
         assert checkpointing_mode(run.trainer.model) == "full"
     finally:
         run.close()
