@@ -130,3 +130,12 @@ def test_load_pipeline_decodes_16_bit_weights_through_the_kernel_on_a_cpu(kernel
     assert isinstance(pipeline.model.transformer.layers[0].attn.qkv_proj, weights16.Linear16)
     kept = load_pipeline(model=str(base), dtype="fp16", device="cpu", decode_kernel=False)
     assert type(kept.model.transformer.layers[0].attn.qkv_proj) is torch.nn.Linear
+
+
+def test_a_prepared_model_cast_to_fp32_still_computes_right(kernel):
+    model = tiny_model().half()
+    weights16.prepare(model)
+    model.float()  # Linear16 keeps its class, now over fp32 weights: the kernel must not read them as 16-bit
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, _reference(torch.float16)(ids).logits, rtol=1e-4, atol=1e-4)
