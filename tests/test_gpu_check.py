@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 
 from tests.helpers import REPO_ROOT
 
 
+@pytest.mark.slow  # ~33 s: the whole check script in dry-run mode (CI runs it)
 def test_gpu_check_dry_run_prints_the_plan_and_checks_it():
     done = subprocess.run(["bash", "scripts/gpu-check.sh", "--dry-run"], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})

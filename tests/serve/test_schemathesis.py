@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 
+@pytest.mark.slow  # ~35 s of fuzzing (CI runs it)
 def test_openapi_fuzzing_finds_no_server_error_or_schema_violation(server, tmp_path):
     st = shutil.which("st") or str(Path(sys.executable).with_name("st"))
     result = subprocess.run(

@@ -80,6 +80,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(setup_dir, tmp_p
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # ~45 s: three 2-process runs (CI runs it; the 2-rank equality test stays in the default run)
 def test_two_rank_resume_equals_an_uninterrupted_two_rank_run(setup_dir, tmp_path):
     full = tmp_path / "full"
     train_cli(setup_dir, full, "--batch-size", "2", nproc=2)

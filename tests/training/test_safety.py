@@ -269,6 +269,7 @@ FILL_AFTER_FIRST_SAVE = """
 """
 
 
+@pytest.mark.slow  # ~30 s: a run on a filling disk, then its resume (CI runs it)
 @namespace
 def test_a_full_disk_mid_run_loses_nothing_and_resumes_to_the_same_adapter(inputs, tmp_path):
     disk = tmp_path / "disk"
