@@ -4,8 +4,9 @@ At batch 1 a decode step is one matrix-vector product per weight: its time is th
 bandwidth, so fp32 weights cost twice what 16-bit ones do.  PyTorch has no CPU kernel that reads 16-bit weights
 and multiplies in fp32: its fp16/bf16 ``linear`` computes in 16 bits (bf16 in software on AVX2 CPUs) and at a few
 rows is several times slower than at one (measured on a 2-core AVX2 EPYC: 3840 × 1280 fp16, 8 rows ≈ 4 ms, more
-than fp32).  So :file:`kernels/gemv16.c` (≈ 90 lines) does exactly that one thing: each weight is read once per
-call, widened to fp32 in registers and multiplied into up to four rows of activations at a time.
+than fp32).  So :file:`kernels/gemv16.c` (≈ 110 lines) does exactly that one thing: each weight is read once per
+call and widened to fp32 in registers — at batch 1 each thread streams whole weight rows front to back, with a
+few rows of activations each weight is multiplied into up to four of them at a time.
 
 :func:`prepare` turns a model loaded in fp16 or bf16 on a CPU into that form — every ``nn.Linear`` and
 ``nn.Embedding`` keeps its 16-bit weight (the tied output head is the embedding) and computes in fp32, the
