@@ -106,11 +106,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
 
 
 def _kernel_linear(function, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] fp32 @ weight [N, K] (16-bit).T`` through the kernel, as ``[M, N]`` fp32."""
+    """``x [..., K] fp32 @ weight [N, K] (16-bit).T`` through the kernel, as ``[..., N]`` fp32."""
     x = x.contiguous()
-    out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
-    function(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0], x.shape[1],
-             int(weight.dtype == torch.bfloat16), torch.get_num_threads())
+    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+    function(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], weight.shape[0],
+             x.shape[-1], weight.dtype == torch.bfloat16, torch.get_num_threads())
     return out
 
 
@@ -131,11 +131,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             or rows > KERNEL_ROWS or in_features % 8 or not weight.is_contiguous()
             or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight.to(x.dtype))
-    x = x.contiguous()
-    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
-    function(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, weight.shape[0], in_features,
-             weight.dtype == torch.bfloat16, torch.get_num_threads())
-    return out
+    return _kernel_linear(function, x, weight)
 
 
 class Linear16(nn.Linear):

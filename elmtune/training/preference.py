@@ -32,11 +32,9 @@ from transformers.trainer_callback import PrinterCallback
 from ..data import DataSpec
 from ..data.preference import load_pairs
 from ..device import resolve_precision
-from ..hardware import probes_agreed_across_ranks
-from ..models.openelm import settle_cpu_attention
 from .args import PREFERENCE_METHODS, TrainOptions
 from .callbacks import MetricsCallback, ProgressCallback, plot_losses, plot_rewards
-from .checkpointing import checkpointing_mode, enable_checkpointing, settle_selective
+from .checkpointing import checkpointing_mode, enable_checkpointing
 from .plan import (count_parameters, count_steps, decide_checkpointing, estimate_disk, estimate_memory,
                    memory_fits, world)
 from .safety import AtomicCheckpointTrainer, GracefulStop, NonFiniteGuard, save_atomically
@@ -307,7 +305,8 @@ def setup_preference(options: TrainOptions, callbacks: list[TrainerCallback] | t
 
 
 def _build_run(options: TrainOptions, out: Path, lock, callbacks):
-    from .recipe import DTYPE_OF, ReleaseFreedMemory, check_disk, start_run, tensorboard_callback, training_arguments
+    from .recipe import (DTYPE_OF, ReleaseFreedMemory, check_disk, settle_measured_choices, start_run,
+                         tensorboard_callback, training_arguments)
 
     run, device, config = start_run(options, out, lock, load_preference_data, preference_metadata)
     tokenizer, train_pairs, eval_pairs, resume_from = run.tokenizer, run.train_examples, run.eval_examples, \
@@ -325,12 +324,9 @@ def _build_run(options: TrainOptions, out: Path, lock, callbacks):
     checkpointing, why = decide_checkpointing(base, config, total - trainable, trainable, 2 * longest, precision,
                                               device)
     model = build_policy(options, dtype, checkpointing, device)
-    with probes_agreed_across_ranks():  # every rank runs this setup: under torchrun, rank 0's measurements
-        settle_cpu_attention(config, dtype, device)
-        if checkpointing == "on":  # as supervised runs: selective only where it beats full here (measured, cached)
-            median = sorted(p.longest for p in train_pairs)[len(train_pairs) // 2]  # chosen, rejected: a row each
-            checkpointing, measured = settle_selective(model, median, dtype, device)
-            why = f"{why}; {measured}"
+    # chosen and rejected are a row each: the rows' length is the pair's longest
+    checkpointing, why = settle_measured_choices(model, config, checkpointing, why,
+                                                 [p.longest for p in train_pairs], dtype, device)
     log.info("gradient checkpointing %s (%s)", checkpointing, why)
     reference = build_reference(options, dtype, device) if options.method == "dpo" and options.tune == "full" else None
     if options.method == "dpo":

@@ -551,6 +551,21 @@ def prepare(options: TrainOptions, load, out: Path | None = None) -> Prepared:
     return Prepared(device, config, tokenizer, spec, train, held_out, stats, resume_from)
 
 
+def settle_measured_choices(model, config, checkpointing: str, why: str, row_lengths: list[int],
+                            dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
+    """The hardware probes a run needs, taken at setup by every rank together (under torchrun rank 0 measures,
+    :func:`~elmtune.hardware.probes_agreed_across_ranks`): CPU attention's precision, and for ``on`` whether
+    selective checkpointing beats ``full`` here at the median row length (else the model switches to ``full``).
+    Returns the checkpointing mode and its reason."""
+    with probes_agreed_across_ranks():
+        settle_cpu_attention(config, dtype, device)
+        if checkpointing == "on":
+            median = sorted(row_lengths)[len(row_lengths) // 2]
+            checkpointing, measured = settle_selective(model, median, dtype, device)
+            why = f"{why}; {measured}"
+    return checkpointing, why
+
+
 def start_run(options: TrainOptions, out: Path, lock: RunLock | None, load,
               describe) -> tuple[Run, torch.device, object]:
     """:func:`prepare`, then the :class:`Run`, and (rank 0) its ``config.yaml`` and ``elmtune.json``
@@ -596,12 +611,8 @@ def _build_run(options: TrainOptions, out: Path, lock: RunLock | None, callbacks
     checkpointing, why = decide_checkpointing(options, config, total - trainable, trainable, longest, precision,
                                               device)
     model = build_model(options, dtype, checkpointing, device)
-    with probes_agreed_across_ranks():  # every rank runs this setup: under torchrun, rank 0's measurements
-        settle_cpu_attention(config, dtype, device)
-        if checkpointing == "on":  # selective only where it beats full on this machine (measured once, cached)
-            median = sorted(len(e.input_ids) for e in train_examples)[len(train_examples) // 2]
-            checkpointing, measured = settle_selective(model, median, dtype, device)
-            why = f"{why}; {measured}"
+    checkpointing, why = settle_measured_choices(model, config, checkpointing, why,
+                                                 [len(e.input_ids) for e in train_examples], dtype, device)
     overridden = options.gradient_checkpointing not in ("auto", checkpointing)
     (log.warning if overridden else log.info)("gradient checkpointing %s (%s)", checkpointing, why)
     run.stop = GracefulStop()

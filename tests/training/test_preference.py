@@ -224,12 +224,12 @@ def test_dpo_from_a_supervised_adapter_keeps_it_as_the_frozen_reference(tmp_path
 def test_dpo_resumes_to_the_same_adapter_with_selective_checkpointing(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from elmtune.training import preference
+    from elmtune.training import recipe
     from elmtune.training.checkpointing import checkpointing_mode
     from elmtune.training.preference import finish_preference, setup_preference
 
     # selective whatever this machine's probe would choose (where it measures slower than full, full is used)
-    monkeypatch.setattr(preference, "settle_selective", lambda *args: ("on", "kept for this test"))
+    monkeypatch.setattr(recipe, "settle_selective", lambda *args: ("on", "kept for this test"))
 
     base = save_tiny_base(tmp_path / "base")
     data = write_jsonl(tmp_path / "train.jsonl", rule_pairs(32, seed=0))
@@ -330,7 +330,7 @@ def test_preference_options_and_a_missing_trl(tmp_path, monkeypatch, capsys):
 
 
 def test_a_preference_run_measures_selective_checkpointing_like_a_supervised_one(tmp_path, monkeypatch):
-    from elmtune.training import preference
+    from elmtune.training import preference, recipe
     from elmtune.training.checkpointing import checkpointing_mode
     from elmtune.training.preference import setup_preference
 
@@ -343,7 +343,7 @@ def test_a_preference_run_measures_selective_checkpointing_like_a_supervised_one
 
     loaded = []
     load = preference.load_preference_data
-    monkeypatch.setattr(preference, "settle_selective", slower_here)
+    monkeypatch.setattr(recipe, "settle_selective", slower_here)
     monkeypatch.setattr(preference, "load_preference_data", lambda *a: loaded.append(load(*a)) or loaded[-1])
     base = save_tiny_base(tmp_path / "base")
     data = write_jsonl(tmp_path / "train.jsonl", rule_pairs(16, seed=0))
