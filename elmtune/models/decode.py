@@ -9,18 +9,29 @@ keys it hands to attention are views of exactly the filled length, so attention 
 cache gives them; code that assigns a layer's ``keys`` / ``values`` (the engine's merge and trim, beam reorders)
 keeps working: the assigned tensor becomes the buffer.
 
-One-query attention as two small matmuls (GQA by a view) instead of SDPA's CPU flash kernel was tried and
-measured slower on a shared 2-core AVX2 EPYC (1.25 s against 0.71 s median per 270M fp32 step, 2 threads: more
-parallel regions per step), so decode steps keep going through the attention interface.
-
 It is an exact rewrite of the reference path (dynamic cache): the same greedy tokens, logits equal to rounding
 (tests/models/test_decode.py holds it to that).
+
+On a CPU, a model prepared for 16-bit weights with fp32 arithmetic (:func:`elmtune.models.weights16.prepare`:
+what ``generate``, ``chat`` and ``serve`` load there) takes its one-token steps through :func:`stack_step`: the
+embedding, every decoder layer and the final norm in one call into :file:`kernels/decode_step.c`, instead of ~50
+PyTorch operators per layer.  Measured per 270M step at batch 1 on a 2-core AVX2 EPYC, those operators cost ~20
+ms on top of the ~30 ms the weights take to stream — each 5-35 µs with the caches just flushed by that stream —
+and the C step brings the stack to within ~1-2 ms of the stream alone.  It writes the same cache buffers and
+computes the reference arithmetic in the same order, equal up to fp32 summation order (tests/models/test_decode.py
+and the server's tests/serve/test_engine.py hold it to the operator path's tokens and logits).  Elsewhere (GPUs,
+fp32 or PEFT-wrapped models, other caches) decode steps go through the operators as written in openelm.py.
 """
 
 from __future__ import annotations
 
+import ctypes
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from . import weights16
 
 #: Extra room a buffer gets when it must grow past its reservation (tokens), so growing is rare.
 GROW_BY = 256
@@ -91,4 +102,129 @@ class PreallocatedCache(DynamicCache):
         self.layers = [PreallocatedLayer(reserve) for _ in self.layers]
         self.layer_class_to_replicate = None
         self.reserve = reserve
+        #: (model, its plan) for :func:`stack_step`, made at the first step: a cache serves one model, whose
+        #: weights do not change while it decodes.
+        self.step_plan: tuple | None = None
 
+
+#: Whether prepared models take their decode steps through :func:`stack_step` (tests turn it off to compare).
+STACK_STEP = True
+
+
+def _step_mask(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None | bool:
+    """A decode step's mask as ``uint8 [batch, length]`` (1 = attend), None for no mask, False if not one of the
+    forms a decode step gets: none, transformers' 2D padding mask, or the engine's boolean ``[b, 1, 1, t]``."""
+    if attention_mask is None:
+        return None
+    if attention_mask.ndim == 4 and attention_mask.dtype == torch.bool and attention_mask.shape[1:3] == (1, 1):
+        attention_mask = attention_mask[:, 0, 0]
+    if attention_mask.ndim != 2 or tuple(attention_mask.shape) != (batch, length):
+        return False
+    return attention_mask.to(torch.uint8).contiguous()
+
+
+def stack_step(model, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+               position_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor | None:
+    """The decoder stack of ``model`` (an ``OpenELMModel``) on one new token per row, in one C call
+    (:file:`kernels/decode_step.c`): embeddings, every layer, the final norm.
+
+    ``input_ids [b, 1]`` (or fp32 ``inputs_embeds [b, 1, D]``), ``position_ids [b, 1]``, ``cache`` the
+    :class:`PreallocatedCache` to write.  Returns the final norm's ``[b, 1, D]`` fp32 output, or None — nothing
+    done — where the step does not apply: not a model prepared for 16-bit CPU decoding (every projection a
+    ``Linear16`` with a contiguous 16-bit weight and no bias, fp32 norms, widths of multiples of 8), not a
+    SiLU-gated FFN, another cache or mask, gradients on."""
+    library, _ = weights16.loaded()
+    config = model.config
+    given = input_ids if input_ids is not None else inputs_embeds
+    b, s = given.shape[:2]
+    if (not STACK_STEP or library is None or s != 1 or given.device.type != "cpu"
+            or not isinstance(cache, PreallocatedCache) or torch.is_grad_enabled()
+            or inputs_embeds is not None and inputs_embeds.dtype != torch.float32):
+        return None
+    layers = cache.layers
+    length = layers[0].length if layers and layers[0].is_initialized else -1
+    if length < 1 or any(not c.is_initialized or c.length != length or c._keys.shape[0] != b for c in layers):
+        return None
+    mask = _step_mask(attention_mask, b, length + 1)
+    if mask is False:
+        return None
+    if cache.step_plan is None or cache.step_plan[0] is not model:  # ~2 ms for the 270M model: once per cache
+        cache.step_plan = (model, _stack_plan(model))
+    plan = cache.step_plan[1]
+    if plan is None:
+        return None
+    width = config.model_dim
+    ids = None
+    if input_ids is not None and plan.table is not None:
+        h, ids = torch.empty(b, width), input_ids.reshape(b).contiguous()
+    else:  # the caller's embeddings, or an embedding the C step does not read itself (an adapter's, say)
+        embeds = inputs_embeds if inputs_embeds is not None else model.token_embeddings(input_ids)
+        h = embeds.reshape(b, width).float().clone()
+    positions = position_ids.reshape(-1).expand(b).to(torch.int64).contiguous()
+    buffers = []
+    for index, entry in enumerate(layers):
+        entry._make_room(length + 1)
+        if not (entry._keys.is_contiguous() and entry._values.is_contiguous()
+                and entry._keys.dtype == entry._values.dtype == torch.float32):
+            entry._keys, entry._values = entry._keys.contiguous().float(), entry._values.contiguous().float()
+        buffers += [entry._keys.data_ptr(), entry._values.data_ptr()]
+        plan.dims[4 * index + 3] = entry._keys.shape[-2]  # this layer's cache capacity
+    status = library.elmtune_decode_step(
+        h.data_ptr(), ids.data_ptr() if ids is not None else None, plan.table, positions.data_ptr(),
+        plan.inv_freq.data_ptr(), b, width, config.head_dim, len(layers), plan.dims, plan.weights,
+        (ctypes.c_void_p * len(buffers))(*buffers), length, mask.data_ptr() if mask is not None else None,
+        plan.final_norm, plan.eps, plan.scaling, plan.bf16, torch.get_num_threads())
+    if status:
+        raise MemoryError("elmtune's decode step could not allocate its scratch memory")
+    for entry in layers:
+        entry.length = length + 1
+    return h.reshape(b, 1, width)
+
+
+@dataclass
+class _StackPlan:
+    """What :func:`stack_step` hands the C step for a model, in its argument order (see decode_step.c)."""
+
+    weights: ctypes.Array  # 8 pointers per layer: attn_norm, ffn_norm, q_norm, k_norm, the four projections
+    dims: ctypes.Array  # 4 per layer: query heads, key/value heads, FFN width, cache capacity (filled per step)
+    table: int | None  # the 16-bit embedding table, or None if the embedding is not a plain Embedding16
+    final_norm: int
+    inv_freq: torch.Tensor
+    eps: float
+    scaling: float
+    bf16: bool
+
+
+def _stack_plan(model) -> _StackPlan | None:
+    """The plan of ``model``'s stack, or None if it is not in the form the C step takes (see :func:`stack_step`)."""
+    from .openelm import rotary_frequencies
+
+    config = model.config
+    if not config.ffn_with_glu or config.activation_fn_name not in ("swish", "silu") or config.model_dim % 8:
+        return None
+    weights, dims, norms, dtypes = [], [], [model.norm], set()
+    for layer in model.layers:
+        attn, ffn = layer.attn, layer.ffn
+        projections = (attn.qkv_proj, attn.out_proj, ffn.proj_1, ffn.proj_2)
+        if not all(isinstance(p, weights16.Linear16) and p.bias is None and p.weight.is_contiguous()
+                   for p in projections):
+            return None
+        layer_norms = [layer.attn_norm, layer.ffn_norm, attn.q_norm, attn.k_norm]
+        norms += [n for n in layer_norms if n is not None]
+        dtypes |= {p.weight.dtype for p in projections}
+        weights += [n.weight.data_ptr() if n is not None else None for n in layer_norms]
+        weights += [p.weight.data_ptr() for p in projections]
+        dims += [attn.num_q_heads, attn.num_kv_heads, ffn.proj_2.in_features, 0]
+    if (len(dtypes) != 1 or not dtypes <= {torch.float16, torch.bfloat16} or config.head_dim % 8
+            or any(width % 8 for width in dims[2::4])  # products and dot products read 8 values at a time
+            or any(n.weight.dtype != torch.float32 or not n.weight.is_contiguous() for n in norms)
+            or len({n.eps for n in norms}) != 1):
+        return None
+    dtype = dtypes.pop()
+    embedding = model.token_embeddings
+    plain = type(embedding) is weights16.Embedding16 and embedding.weight.dtype == dtype
+    return _StackPlan(weights=(ctypes.c_void_p * len(weights))(*weights), dims=(ctypes.c_int64 * len(dims))(*dims),
+                      table=embedding.weight.data_ptr() if plain and embedding.weight.is_contiguous() else None,
+                      final_norm=model.norm.weight.data_ptr(),
+                      inv_freq=rotary_frequencies(config.head_dim, config.rope_freq_constant),
+                      eps=norms[0].eps, scaling=model.layers[0].attn.scaling, bf16=dtype == torch.bfloat16)

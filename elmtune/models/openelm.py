@@ -37,6 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to
 
 from . import weights16
 from .configuration_openelm import OpenELMConfig
+from .decode import PreallocatedCache, stack_step
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -92,14 +93,18 @@ class OpenELMRMSNorm(nn.Module):
         return _rms_norm(x, self.weight, self.eps)[0]  # inference: no autograd Function per call
 
 
+def rotary_frequencies(head_dim: int, base: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """RoPE's ``[d/2]`` inverse frequencies ``base^(-2i/d)``, in fp32."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+
+
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin for the given positions, in fp32: ``position_ids [b, s]`` → two ``[b, 1, s, d]`` tensors.
 
     Computed per call for exactly the positions needed: no cached table, so no maximum length and no buffer
     to initialise (the model can be built on the meta device).
     """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim))
-    angles = position_ids[..., None].float() * inv_freq  # [b, s, d/2]
+    angles = position_ids[..., None].float() * rotary_frequencies(head_dim, base, position_ids.device)  # [b, s, d/2]
     angles = torch.cat((angles, angles), dim=-1)[:, None]  # [b, 1, s, d]: Apple's "rotate half" layout
     return angles.cos(), angles.sin()
 
@@ -396,22 +401,29 @@ class OpenELMModel(OpenELMPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         cache = cache if cache is not None else past_key_values
-        if inputs_embeds is None:
-            inputs_embeds = self.token_embeddings(input_ids)  # [b, s, D]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and not (self.gradient_checkpointing and self.training) and cache is None:
             cache = DynamicCache(config=self.config)
         if not use_cache:
             cache = None
         past = cache.get_seq_length() if cache is not None else 0
-        seq_len = inputs_embeds.shape[1]
+        given = input_ids if input_ids is not None else inputs_embeds
+        seq_len = given.shape[1]
 
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
                 # Left padding: real tokens count from 0 whatever the padding in front of them.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
             else:
-                position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device)[None]
+                position_ids = torch.arange(past, past + seq_len, device=given.device)[None]
+        if seq_len == 1 and isinstance(cache, PreallocatedCache) and not torch.is_grad_enabled():
+            # a decode step of a model prepared for CPU decoding: the whole stack in one C call (decode.stack_step)
+            stepped = stack_step(self, input_ids, inputs_embeds, position_ids, attention_mask, cache)
+            if stepped is not None:
+                return BaseModelOutputWithPast(last_hidden_state=stepped, cache=cache)
+        if inputs_embeds is None:
+            inputs_embeds = self.token_embeddings(input_ids)  # [b, s, D]
+        rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_freq_constant)
         # transformers looks for packed documents (position ids restarting inside a row) only without a cache
         # and without a 2D mask.  An empty dynamic cache sizes the mask exactly like no cache, and an all-ones mask
         # masks nothing (dropping it also lets SDPA run its causal kernel), so neither is handed over.
@@ -444,7 +456,6 @@ class OpenELMModel(OpenELMPreTrainedModel):
                     f"attention implementation {implementation!r} cannot keep the documents of a packed row apart: it "
                     "takes no per-document mask and no varlen boundaries, so they would attend to each other. Train "
                     "with --no-packing (packing=False), or choose attn_implementation sdpa, eager or flash_attention_2.")
-        rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_freq_constant)
 
         hidden_states = inputs_embeds
         for layer in self.layers:

@@ -4,9 +4,11 @@ At batch 1 a decode step is one matrix-vector product per weight: its time is th
 bandwidth, so fp32 weights cost twice what 16-bit ones do.  PyTorch has no CPU kernel that reads 16-bit weights
 and multiplies in fp32: its fp16/bf16 ``linear`` computes in 16 bits (bf16 in software on AVX2 CPUs) and at a few
 rows is several times slower than at one (measured on a 2-core AVX2 EPYC: 3840 × 1280 fp16, 8 rows ≈ 4 ms, more
-than fp32).  So :file:`kernels/gemv16.c` (≈ 110 lines) does exactly that one thing: each weight is read once per
+than fp32).  So :file:`kernels/gemv16.c` (≈ 120 lines) does exactly that one thing: each weight is read once per
 call and widened to fp32 in registers — at batch 1 each thread streams whole weight rows front to back, with a
-few rows of activations each weight is multiplied into up to four of them at a time.
+few rows of activations three weight rows at a time are multiplied into up to four of them.  Built with it,
+:file:`kernels/decode_step.c` runs a whole one-token decode step of a prepared model (see
+:mod:`elmtune.models.decode`).
 
 :func:`prepare` turns a model loaded in fp16 or bf16 on a CPU into that form — every ``nn.Linear`` and
 ``nn.Embedding`` keeps its 16-bit weight (the tied output head is the embedding) and computes in fp32, the
@@ -37,7 +39,9 @@ from torch import nn
 
 log = logging.getLogger("elmtune")
 
-SOURCE = Path(__file__).with_name("kernels") / "gemv16.c"
+#: The C sources of elmtune's CPU kernel library: the 16-bit-weight product, and a decoder layer's decode step
+#: built on it (used by :func:`elmtune.models.decode.stack_step`).
+SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("gemv16.c", "decode_step.c"))
 #: The CPU flags the kernel is compiled for (/proc/cpuinfo names).
 NEEDS = ("avx2", "fma", "f16c")
 #: Up to this many rows (tokens × sequences) a call goes through the kernel; more (a long prompt's prefill) through
@@ -62,14 +66,14 @@ def _build() -> Path:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH; set CC")
     flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags]).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"gemv16-{digest}.so"
+    digest = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), version, *flags]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"elmtune-cpu-{digest}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        command = [compiler, *flags, str(SOURCE), "-o", str(built)]
+        command = [compiler, *flags, *map(str, SOURCES), "-o", str(built)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
@@ -78,8 +82,8 @@ def _build() -> Path:
 
 
 @lru_cache(maxsize=1)
-def _library() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded kernel, "") or (None, why it cannot be used here)."""
+def loaded() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded kernel library, "") or (None, why it cannot be used here)."""
     from ..hardware import cpu_info
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -91,10 +95,14 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         library = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return None, f"the kernel could not be built: {error}"
+    pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     function = library.elmtune_gemv16
     function.restype = None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                         ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    function.argtypes = [pointer, pointer, pointer, i64, i64, i64, i32, i32]
+    step = library.elmtune_decode_step
+    step.restype = i32
+    step.argtypes = [*[pointer] * 5, i64, i64, i64, i64, pointer, pointer, pointer, i64, pointer, pointer, f32, f32,
+                     i32, i32]
     for dtype in (torch.float16, torch.bfloat16):  # the self-check: a kernel that computes wrong is never used
         generator = torch.Generator().manual_seed(0)
         w = torch.randn(37, 72, generator=generator).to(dtype)
@@ -102,7 +110,14 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
             x = torch.randn(rows, 72, generator=generator)
             if not torch.allclose(_kernel_linear(function, x, w), x @ w.float().T, rtol=1e-4, atol=1e-4):
                 return None, f"the kernel's self-check failed in {dtype} on {rows} row(s)"
-    return function, ""
+    return library, ""
+
+
+@lru_cache(maxsize=1)
+def _library():
+    """(the 16-bit-weight product, "") or (None, why it cannot be used here)."""
+    library, reason = loaded()
+    return (None, reason) if library is None else (library.elmtune_gemv16, "")
 
 
 def _kernel_linear(function, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

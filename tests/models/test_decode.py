@@ -55,3 +55,107 @@ def test_preallocated_layer_writes_in_place_and_takes_assigned_tensors():
     assert layer.get_seq_length() == 4 and layer.keys.shape[0] == 1
     keys, _ = layer.update(k[1:, :, :1], v[1:, :, :1])  # full: grows, keeping what it held
     assert keys.shape[-2] == 5 and torch.equal(keys[..., :3, :], k[1:]) and torch.equal(keys[..., 4:, :], k[1:, :, :1])
+
+
+# --- the C decode step (decode.stack_step) of a model prepared for 16-bit CPU decoding ----------------------------
+
+@pytest.fixture
+def kernel(monkeypatch):
+    from elmtune.models import weights16
+
+    usable, reason = weights16.kernel_available()
+    if not usable:
+        pytest.skip(f"the 16-bit CPU kernel does not run here: {reason}")
+    monkeypatch.setattr(weights16, "kernel_pays", lambda *args: True)  # use it whatever this machine's probe says
+
+
+@pytest.fixture
+def steps(monkeypatch):
+    """Counts the decode steps that went through the C layer step."""
+    from elmtune.models import decode, openelm
+
+    taken = []
+
+    def counting(*args):
+        out = decode.stack_step(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(openelm, "stack_step", counting)
+    return taken
+
+
+def _prepared(dtype, **overrides):
+    from elmtune.models import weights16
+
+    model = tiny_model(**overrides).to(dtype)
+    assert weights16.prepare(model)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("reserve", [None, 3])  # room for the whole run; too little (the step grows the buffers)
+def test_stack_step_matches_the_operator_path(kernel, steps, monkeypatch, dtype, qk_norm, reserve):
+    from elmtune.models import decode
+
+    model = _prepared(dtype, normalize_qk_projections=qk_norm)
+    ids, mask = _left_padded([[1, 5, 9, 13, 40, 41], [1, 7, 3], [1, 60, 61, 62, 63]])  # padded rows: masked steps
+    for batch in ((ids[:1], mask[:1]), (ids, mask)):
+        tokens, logits, cache = _generate(model, *batch, fast=True, reserve=reserve)
+        assert steps and all(steps)  # every step after the prefill went through the C layer step
+        steps.clear()
+        monkeypatch.setattr(decode, "STACK_STEP", False)
+        ref_tokens, ref_logits, ref_cache = _generate(model, *batch, fast=True, reserve=reserve)
+        monkeypatch.setattr(decode, "STACK_STEP", True)
+        assert steps and not any(steps)
+        steps.clear()
+        assert torch.equal(tokens, ref_tokens)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        for layer, ref_layer in zip(cache.layers, ref_cache.layers):  # the cache it wrote: the same keys and values
+            torch.testing.assert_close(layer.keys, ref_layer.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(layer.values, ref_layer.values, atol=1e-5, rtol=1e-5)
+
+
+def test_stack_step_takes_the_engines_boolean_mask(kernel, steps, monkeypatch):
+    from elmtune.models import decode
+
+    model = _prepared(torch.float16)
+    ids, mask = _left_padded([[1, 5, 9, 13, 40, 41], [1, 7, 3]])
+    outs = []
+    for fused in (True, False):
+        monkeypatch.setattr(decode, "STACK_STEP", fused)
+        cache = PreallocatedCache(model.config, reserve=8)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, cache=cache)
+            step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1).bool()[:, None, None, :]
+            outs.append(model(torch.tensor([[4], [5]]), attention_mask=step_mask, cache=cache,
+                              position_ids=torch.tensor([[6], [3]])).logits)
+    assert steps == [True, False]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+def test_stack_step_is_not_taken_where_it_does_not_apply(kernel, steps):
+    ids = torch.tensor([[1, 5, 9]])
+    fp32, prepared = tiny_model(), _prepared(torch.float16)
+    for model, cache in ((fp32, PreallocatedCache(fp32.config, reserve=8)),  # fp32 weights: not prepared
+                         (prepared, DynamicCache(config=prepared.config))):  # the reference cache
+        with torch.no_grad():
+            model(ids, cache=cache)
+            model(torch.tensor([[4]]), cache=cache)
+    assert steps == [False]  # the fp32 model's step was offered and declined; a dynamic cache's never offered
+
+
+def test_stack_step_takes_embeddings_instead_of_ids(kernel, steps):
+    model = _prepared(torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    outs = []
+    with torch.no_grad():
+        for by_embeddings in (False, True):
+            cache = PreallocatedCache(model.config, reserve=8)
+            model(ids, cache=cache)
+            token = torch.tensor([[7]])
+            given = {"inputs_embeds": model.get_input_embeddings()(token)} if by_embeddings else {"input_ids": token}
+            outs.append(model(cache=cache, **given).logits)
+    assert steps == [True, True]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # the same fp32 rows, however they come in
