@@ -286,8 +286,10 @@ def _elmtune_run(model, ids: torch.Tensor, new_tokens: int, fast: bool) -> tuple
     stamps = _Stamps(ids.device)
     cache = (PreallocatedCache(model.config, reserve=ids.shape[1] + new_tokens) if fast
              else DynamicCache(config=model.config))
-    out = model.generate(ids, cache=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=0, eos_token_id=2, stopping_criteria=StoppingCriteriaList([stamps]))
+    # exactly new_tokens tokens with no end-of-sequence check, as llama.cpp's loop runs: min_new_tokens would add
+    # transformers' vocabulary-wide end-of-sequence mask to every step, ~1 ms of a ~35 ms 270M step on a CPU
+    out = model.generate(ids, cache=cache, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                         eos_token_id=None, stopping_criteria=StoppingCriteriaList([stamps]))
     return decode_rate(stamps.times, ids.shape[0]), out[0, ids.shape[1]:].tolist()
 
 
