@@ -26,6 +26,7 @@ fp32 or PEFT-wrapped models, other caches) decode steps go through the operators
 from __future__ import annotations
 
 import ctypes
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -102,9 +103,6 @@ class PreallocatedCache(DynamicCache):
         self.layers = [PreallocatedLayer(reserve) for _ in self.layers]
         self.layer_class_to_replicate = None
         self.reserve = reserve
-        #: (model, its plan) for :func:`stack_step`, made at the first step: a cache serves one model, whose
-        #: weights do not change while it decodes.
-        self.step_plan: tuple | None = None
 
 
 #: Whether prepared models take their decode steps through :func:`stack_step` (tests turn it off to compare).
@@ -128,38 +126,41 @@ def stack_step(model, input_ids: torch.Tensor | None, inputs_embeds: torch.Tenso
     """The decoder stack of ``model`` (an ``OpenELMModel``) on one new token per row, in one C call
     (:file:`kernels/decode_step.c`): embeddings, every layer, the final norm.
 
-    ``input_ids [b, 1]`` (or fp32 ``inputs_embeds [b, 1, D]``), ``position_ids [b, 1]``, ``cache`` the
-    :class:`PreallocatedCache` to write.  Returns the final norm's ``[b, 1, D]`` fp32 output, or None — nothing
-    done — where the step does not apply: not a model prepared for 16-bit CPU decoding (every projection a
-    ``Linear16`` with a contiguous 16-bit weight and no bias, fp32 norms, widths of multiples of 8), not a
-    SiLU-gated FFN, another cache or mask, gradients on."""
-    library, _ = weights16.loaded()
-    config = model.config
+    ``input_ids [b, 1]`` (or fp32 ``inputs_embeds [b, 1, D]``), ``position_ids [b, 1]`` or ``[1, 1]``, ``cache``
+    the :class:`PreallocatedCache` to write.  Returns the final norm's ``[b, 1, D]`` fp32 output, or None —
+    nothing done — where the step does not apply: not a model prepared for 16-bit CPU decoding (every projection a
+    ``Linear16`` with a contiguous 16-bit weight and no bias, plain fp32 norms, widths of multiples of 8, no forward
+    hooks), not a SiLU-gated FFN, another cache or mask, gradients on."""
     given = input_ids if input_ids is not None else inputs_embeds
     b, s = given.shape[:2]
-    if (not STACK_STEP or library is None or s != 1 or given.device.type != "cpu"
-            or not isinstance(cache, PreallocatedCache) or torch.is_grad_enabled()
-            or inputs_embeds is not None and inputs_embeds.dtype != torch.float32):
+    if (not STACK_STEP or s != 1 or given.device.type != "cpu" or not isinstance(cache, PreallocatedCache)
+            or torch.is_grad_enabled() or inputs_embeds is not None and inputs_embeds.dtype != torch.float32):
         return None
     layers = cache.layers
     length = layers[0].length if layers and layers[0].is_initialized else -1
-    if length < 1 or any(not c.is_initialized or c.length != length or c._keys.shape[0] != b for c in layers):
+    if length < 1 or len(layers) != len(model.layers) or any(
+            not c.is_initialized or c.length != length or c._keys.shape[0] != b for c in layers):
         return None
     mask = _step_mask(attention_mask, b, length + 1)
     if mask is False:
         return None
-    if cache.step_plan is None or cache.step_plan[0] is not model:  # ~2 ms for the 270M model: once per cache
-        cache.step_plan = (model, _stack_plan(model))
-    plan = cache.step_plan[1]
-    if plan is None:
+    plan = _PLANS.get(cache)
+    if plan is None or plan.model is not model or not plan.current():  # ~2 ms for the 270M model: once per cache
+        plan = _stack_plan(model)
+        if plan is None:
+            return None
+        _PLANS[cache] = plan
+    if any(c._keys.shape[1::2] != (hkv, plan.head_dim) or c._values.shape != c._keys.shape
+           for c, hkv in zip(layers, plan.dims[1::4])):
         return None
-    width = config.model_dim
+    library = weights16.loaded()[0]  # loaded: prepare() made the Linear16 layers the plan is built from
+    width = model.config.model_dim
     ids = None
     if input_ids is not None and plan.table is not None:
-        h, ids = torch.empty(b, width), input_ids.reshape(b).contiguous()
+        h, ids = torch.empty(b, width, dtype=torch.float32), input_ids.reshape(b).to(torch.int64).contiguous()
     else:  # the caller's embeddings, or an embedding the C step does not read itself (an adapter's, say)
         embeds = inputs_embeds if inputs_embeds is not None else model.token_embeddings(input_ids)
-        h = embeds.reshape(b, width).float().clone()
+        h = embeds.reshape(b, width).to(torch.float32).clone(memory_format=torch.contiguous_format)
     positions = position_ids.reshape(-1).expand(b).to(torch.int64).contiguous()
     buffers = []
     for index, entry in enumerate(layers):
@@ -170,10 +171,12 @@ def stack_step(model, input_ids: torch.Tensor | None, inputs_embeds: torch.Tenso
         buffers += [entry._keys.data_ptr(), entry._values.data_ptr()]
         plan.dims[4 * index + 3] = entry._keys.shape[-2]  # this layer's cache capacity
     status = library.elmtune_decode_step(
-        h.data_ptr(), ids.data_ptr() if ids is not None else None, plan.table, positions.data_ptr(),
-        plan.inv_freq.data_ptr(), b, width, config.head_dim, len(layers), plan.dims, plan.weights,
+        h.data_ptr(), ids.data_ptr() if ids is not None else None, plan.table, plan.vocab, positions.data_ptr(),
+        plan.inv_freq.data_ptr(), b, width, plan.head_dim, len(layers), plan.dims, plan.weights,
         (ctypes.c_void_p * len(buffers))(*buffers), length, mask.data_ptr() if mask is not None else None,
         plan.final_norm, plan.eps, plan.scaling, plan.bf16, torch.get_num_threads())
+    if status == -2:
+        raise IndexError(f"token id out of range for the embedding table of {plan.vocab} rows")
     if status:
         raise MemoryError("elmtune's decode step could not allocate its scratch memory")
     for entry in layers:
@@ -181,50 +184,73 @@ def stack_step(model, input_ids: torch.Tensor | None, inputs_embeds: torch.Tenso
     return h.reshape(b, 1, width)
 
 
+#: Each cache's plan (see :class:`_StackPlan`), made at its first step; weakly keyed, so a copied cache makes its
+#: own and a finished one takes its plan with it.
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @dataclass
 class _StackPlan:
     """What :func:`stack_step` hands the C step for a model, in its argument order (see decode_step.c)."""
 
+    model: object
+    parameters: list  # (module, its weight) for every weight the pointers below point into
     weights: ctypes.Array  # 8 pointers per layer: attn_norm, ffn_norm, q_norm, k_norm, the four projections
     dims: ctypes.Array  # 4 per layer: query heads, key/value heads, FFN width, cache capacity (filled per step)
     table: int | None  # the 16-bit embedding table, or None if the embedding is not a plain Embedding16
+    vocab: int
     final_norm: int
     inv_freq: torch.Tensor
+    head_dim: int
     eps: float
     scaling: float
     bf16: bool
 
+    def current(self) -> bool:
+        """Whether every weight is still the one the pointers were taken from (the plan holds them, so a replaced
+        weight is never freed under the C step; a changed one makes a new plan)."""
+        return all(module._parameters["weight"] is weight and weight.data_ptr() == pointer
+                   for (module, weight), pointer in self.parameters)
+
 
 def _stack_plan(model) -> _StackPlan | None:
     """The plan of ``model``'s stack, or None if it is not in the form the C step takes (see :func:`stack_step`)."""
-    from .openelm import rotary_frequencies
+    from .openelm import OpenELMDecoderLayer, OpenELMRMSNorm, rotary_frequencies
 
     config = model.config
     if not config.ffn_with_glu or config.activation_fn_name not in ("swish", "silu") or config.model_dim % 8:
         return None
-    weights, dims, norms, dtypes = [], [], [model.norm], set()
+    weights, dims, norms, projections = [], [], [model.norm], []
     for layer in model.layers:
         attn, ffn = layer.attn, layer.ffn
-        projections = (attn.qkv_proj, attn.out_proj, ffn.proj_1, ffn.proj_2)
-        if not all(isinstance(p, weights16.Linear16) and p.bias is None and p.weight.is_contiguous()
-                   for p in projections):
-            return None
+        layer_projections = [attn.qkv_proj, attn.out_proj, ffn.proj_1, ffn.proj_2]
         layer_norms = [layer.attn_norm, layer.ffn_norm, attn.q_norm, attn.k_norm]
+        if type(layer) is not OpenELMDecoderLayer or any(
+                type(p) is not weights16.Linear16 or p.bias is not None for p in layer_projections) or any(
+                n is not None and type(n) is not OpenELMRMSNorm for n in layer_norms):
+            return None  # an adapter's wrapper, say: its own forward must run
+        projections += layer_projections
         norms += [n for n in layer_norms if n is not None]
-        dtypes |= {p.weight.dtype for p in projections}
         weights += [n.weight.data_ptr() if n is not None else None for n in layer_norms]
-        weights += [p.weight.data_ptr() for p in projections]
+        weights += [p.weight.data_ptr() for p in layer_projections]
         dims += [attn.num_q_heads, attn.num_kv_heads, ffn.proj_2.in_features, 0]
+    dtypes = {p.weight.dtype for p in projections}
+    embedding = model.token_embeddings
     if (len(dtypes) != 1 or not dtypes <= {torch.float16, torch.bfloat16} or config.head_dim % 8
             or any(width % 8 for width in dims[2::4])  # products and dot products read 8 values at a time
+            or not all(p.weight.is_contiguous() for p in projections)
             or any(n.weight.dtype != torch.float32 or not n.weight.is_contiguous() for n in norms)
-            or len({n.eps for n in norms}) != 1):
+            or len({n.eps for n in norms}) != 1 or type(model.norm) is not OpenELMRMSNorm
+            or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())):
         return None
     dtype = dtypes.pop()
-    embedding = model.token_embeddings
-    plain = type(embedding) is weights16.Embedding16 and embedding.weight.dtype == dtype
-    return _StackPlan(weights=(ctypes.c_void_p * len(weights))(*weights), dims=(ctypes.c_int64 * len(dims))(*dims),
-                      table=embedding.weight.data_ptr() if plain and embedding.weight.is_contiguous() else None,
+    plain = (type(embedding) is weights16.Embedding16 and embedding.weight.dtype == dtype
+             and embedding.weight.is_contiguous())
+    parameters = [(m, m.weight) for m in [*projections, *norms, *([embedding] if plain else [])]]
+    return _StackPlan(model=model, parameters=[(pair, pair[1].data_ptr()) for pair in parameters],
+                      weights=(ctypes.c_void_p * len(weights))(*weights), dims=(ctypes.c_int64 * len(dims))(*dims),
+                      table=embedding.weight.data_ptr() if plain else None, vocab=embedding.weight.shape[0],
                       final_norm=model.norm.weight.data_ptr(),
                       inv_freq=rotary_frequencies(config.head_dim, config.rope_freq_constant),
-                      eps=norms[0].eps, scaling=model.layers[0].attn.scaling, bf16=dtype == torch.bfloat16)
+                      head_dim=config.head_dim, eps=norms[0].eps, scaling=model.layers[0].attn.scaling,
+                      bf16=dtype == torch.bfloat16)

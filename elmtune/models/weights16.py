@@ -101,8 +101,8 @@ def loaded() -> tuple[ctypes.CDLL | None, str]:
     function.argtypes = [pointer, pointer, pointer, i64, i64, i64, i32, i32]
     step = library.elmtune_decode_step
     step.restype = i32
-    step.argtypes = [*[pointer] * 5, i64, i64, i64, i64, pointer, pointer, pointer, i64, pointer, pointer, f32, f32,
-                     i32, i32]
+    step.argtypes = [pointer, pointer, pointer, i64, pointer, pointer, i64, i64, i64, i64, pointer, pointer, pointer,
+                     i64, pointer, pointer, f32, f32, i32, i32]
     for dtype in (torch.float16, torch.bfloat16):  # the self-check: a kernel that computes wrong is never used
         generator = torch.Generator().manual_seed(0)
         w = torch.randn(37, 72, generator=generator).to(dtype)

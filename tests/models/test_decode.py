@@ -100,7 +100,8 @@ def test_stack_step_matches_the_operator_path(kernel, steps, monkeypatch, dtype,
     from elmtune.models import decode
 
     model = _prepared(dtype, normalize_qk_projections=qk_norm)
-    ids, mask = _left_padded([[1, 5, 9, 13, 40, 41], [1, 7, 3], [1, 60, 61, 62, 63]])  # padded rows: masked steps
+    # padded rows (masked steps); five rows: the products take a pass of four rows and one of one
+    ids, mask = _left_padded([[1, 5, 9, 13, 40, 41], [1, 7, 3], [1, 60, 61, 62, 63], [1, 2], [1, 8, 9, 10, 11, 12]])
     for batch in ((ids[:1], mask[:1]), (ids, mask)):
         tokens, logits, cache = _generate(model, *batch, fast=True, reserve=reserve)
         assert steps and all(steps)  # every step after the prefill went through the C layer step
@@ -136,14 +137,40 @@ def test_stack_step_takes_the_engines_boolean_mask(kernel, steps, monkeypatch):
 
 
 def test_stack_step_is_not_taken_where_it_does_not_apply(kernel, steps):
+    from peft import LoraConfig, get_peft_model
+
     ids = torch.tensor([[1, 5, 9]])
     fp32, prepared = tiny_model(), _prepared(torch.float16)
+    adapted = get_peft_model(_prepared(torch.float16), LoraConfig(r=2, target_modules=["out_proj"],
+                                                                  init_lora_weights=False))
     for model, cache in ((fp32, PreallocatedCache(fp32.config, reserve=8)),  # fp32 weights: not prepared
+                         (adapted, PreallocatedCache(fp32.config, reserve=8)),  # an adapter wraps some projections
                          (prepared, DynamicCache(config=prepared.config))):  # the reference cache
         with torch.no_grad():
             model(ids, cache=cache)
             model(torch.tensor([[4]]), cache=cache)
-    assert steps == [False]  # the fp32 model's step was offered and declined; a dynamic cache's never offered
+    assert steps == [False, False]  # the fp32 and adapted models' steps were declined; a dynamic cache's never offered
+
+
+def test_stack_step_broadcasts_one_position_and_checks_token_ids(kernel, steps, monkeypatch):
+    from elmtune.models import decode
+
+    model = _prepared(torch.float16)
+    ids = torch.tensor([[1, 5, 9], [1, 7, 3]])
+    outs = []
+    with torch.no_grad():
+        for fused in (True, False):
+            monkeypatch.setattr(decode, "STACK_STEP", fused)
+            cache = PreallocatedCache(model.config, reserve=8)
+            model(ids, cache=cache)
+            # int32 ids, no mask, one [1, 1] position for both rows (what the model derives without a mask)
+            outs.append(model(torch.tensor([[4], [6]], dtype=torch.int32), cache=cache).logits)
+        monkeypatch.setattr(decode, "STACK_STEP", True)
+        with pytest.raises(IndexError):  # as the embedding itself refuses it
+            model(torch.tensor([[4], [model.config.vocab_size]]), cache=cache)
+    assert steps[:2] == [True, False]
+    assert cache.get_seq_length() == 4  # the refused step wrote nothing
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
 
 
 def test_stack_step_takes_embeddings_instead_of_ids(kernel, steps):

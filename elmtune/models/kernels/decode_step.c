@@ -132,16 +132,18 @@ static void layer(float *h, int64_t B, int64_t D, const void *const *w, int64_t 
     for (int64_t i = 0; i < B * D; i++) h[i] += prod[i];
 }
 
-/* The step.  ids [B] and table [V, D] (16-bit) give the embeddings; with ids NULL, h holds them on entry.
+/* The step.  ids [B] and table [vocab, D] (16-bit) give the embeddings; with ids NULL, h holds them on entry.
  * positions [B]: each row's position (RoPE); inv_freq [hd/2]: RoPE's frequencies as the reference computes them.
  * Per layer l: dims[4l..4l+3] = hq, hkv, F, capacity; weights[8l..8l+7] as layer() takes them; caches[2l], [2l+1]
- * its key and value buffers.  On return h [B, D] is the final norm's output.  Returns 0, or -1 when scratch
- * memory could not be had (then nothing has been written to the caches). */
-int elmtune_decode_step(float *h, const int64_t *ids, const uint16_t *table, const int64_t *positions,
-                        const float *inv_freq, int64_t B, int64_t D, int64_t hd, int64_t layers,
-                        const int64_t *dims, const void *const *weights, float *const *caches, int64_t L,
-                        const uint8_t *mask, const float *final_norm, float eps, float scale, int bf16,
+ * its key and value buffers.  On return h [B, D] is the final norm's output.  Returns 0; -1 when scratch memory
+ * could not be had, -2 for a token id outside the table (nothing has been written to the caches then). */
+int elmtune_decode_step(float *h, const int64_t *ids, const uint16_t *table, int64_t vocab,
+                        const int64_t *positions, const float *inv_freq, int64_t B, int64_t D, int64_t hd,
+                        int64_t layers, const int64_t *dims, const void *const *weights, float *const *caches,
+                        int64_t L, const uint8_t *mask, const float *final_norm, float eps, float scale, int bf16,
                         int threads) {
+    for (int64_t b = 0; ids && b < B; b++)
+        if (ids[b] < 0 || ids[b] >= vocab) return -2;
     int64_t need = 0;
     for (int64_t l = 0; l < layers; l++) {
         const int64_t n = layer_scratch(B, D, dims[4 * l], dims[4 * l + 1], hd, dims[4 * l + 2], L + 1);
