@@ -186,3 +186,21 @@ def test_stack_step_takes_embeddings_instead_of_ids(kernel, steps):
             outs.append(model(cache=cache, **given).logits)
     assert steps == [True, True]
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # the same fp32 rows, however they come in
+
+
+def test_stack_step_follows_a_weight_replaced_between_steps(kernel, steps, monkeypatch):
+    from elmtune.models import decode
+
+    outs = []
+    with torch.no_grad():
+        for fused in (True, False):
+            monkeypatch.setattr(decode, "STACK_STEP", fused)
+            model = _prepared(torch.float16)
+            cache = PreallocatedCache(model.config, reserve=8)
+            model(torch.tensor([[1, 5, 9]]), cache=cache)
+            model(torch.tensor([[4]]), cache=cache)  # the C step makes its plan here
+            projection = model.transformer.layers[0].attn.out_proj
+            projection.weight.data = projection.weight.data.flip(0).contiguous()  # new storage, new values
+            outs.append(model(torch.tensor([[6]]), cache=cache).logits)
+    assert steps == [True, True, False, False]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
