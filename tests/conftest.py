@@ -29,5 +29,33 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def cpu_kernel(monkeypatch):
+    """elmtune's 16-bit CPU kernel (elmtune.models.weights16), used whatever this machine's probe says; the test is
+    skipped, with the reason, where it does not run (not x86-64 with AVX2/FMA/F16C, no C compiler)."""
+    from elmtune.models import weights16
+
+    usable, reason = weights16.kernel_available()
+    if not usable:
+        pytest.skip(f"the 16-bit CPU kernel does not run here: {reason}")
+    monkeypatch.setattr(weights16, "kernel_pays", lambda *args: True)
+
+
+@pytest.fixture
+def stack_steps(monkeypatch) -> list[bool]:
+    """Each decode step offered to the C decode step (elmtune.models.decode.stack_step): True where it was taken."""
+    from elmtune.models import decode, openelm
+
+    taken = []
+
+    def counting(*args):
+        out = decode.stack_step(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(openelm, "stack_step", counting)
+    return taken
+
+
+@pytest.fixture
 def golden_dir() -> Path:
     return shared_path("golden", "openelm", "tiny")

@@ -59,32 +59,6 @@ def test_preallocated_layer_writes_in_place_and_takes_assigned_tensors():
 
 # --- the C decode step (decode.stack_step) of a model prepared for 16-bit CPU decoding ----------------------------
 
-@pytest.fixture
-def kernel(monkeypatch):
-    from elmtune.models import weights16
-
-    usable, reason = weights16.kernel_available()
-    if not usable:
-        pytest.skip(f"the 16-bit CPU kernel does not run here: {reason}")
-    monkeypatch.setattr(weights16, "kernel_pays", lambda *args: True)  # use it whatever this machine's probe says
-
-
-@pytest.fixture
-def steps(monkeypatch):
-    """Counts the decode steps that went through the C layer step."""
-    from elmtune.models import decode, openelm
-
-    taken = []
-
-    def counting(*args):
-        out = decode.stack_step(*args)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(openelm, "stack_step", counting)
-    return taken
-
-
 def _prepared(dtype, **overrides):
     from elmtune.models import weights16
 
@@ -96,7 +70,7 @@ def _prepared(dtype, **overrides):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("qk_norm", [True, False])
 @pytest.mark.parametrize("reserve", [None, 3])  # room for the whole run; too little (the step grows the buffers)
-def test_stack_step_matches_the_operator_path(kernel, steps, monkeypatch, dtype, qk_norm, reserve):
+def test_stack_step_matches_the_operator_path(cpu_kernel, stack_steps, monkeypatch, dtype, qk_norm, reserve):
     from elmtune.models import decode
 
     model = _prepared(dtype, normalize_qk_projections=qk_norm)
@@ -104,13 +78,13 @@ def test_stack_step_matches_the_operator_path(kernel, steps, monkeypatch, dtype,
     ids, mask = _left_padded([[1, 5, 9, 13, 40, 41], [1, 7, 3], [1, 60, 61, 62, 63], [1, 2], [1, 8, 9, 10, 11, 12]])
     for batch in ((ids[:1], mask[:1]), (ids, mask)):
         tokens, logits, cache = _generate(model, *batch, fast=True, reserve=reserve)
-        assert steps and all(steps)  # every step after the prefill went through the C layer step
-        steps.clear()
+        assert stack_steps and all(stack_steps)  # every step after the prefill went through the C decode step
+        stack_steps.clear()
         monkeypatch.setattr(decode, "STACK_STEP", False)
         ref_tokens, ref_logits, ref_cache = _generate(model, *batch, fast=True, reserve=reserve)
         monkeypatch.setattr(decode, "STACK_STEP", True)
-        assert steps and not any(steps)
-        steps.clear()
+        assert stack_steps and not any(stack_steps)
+        stack_steps.clear()
         assert torch.equal(tokens, ref_tokens)
         torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
         for layer, ref_layer in zip(cache.layers, ref_cache.layers):  # the cache it wrote: the same keys and values
@@ -118,7 +92,7 @@ def test_stack_step_matches_the_operator_path(kernel, steps, monkeypatch, dtype,
             torch.testing.assert_close(layer.values, ref_layer.values, atol=1e-5, rtol=1e-5)
 
 
-def test_stack_step_takes_the_engines_boolean_mask(kernel, steps, monkeypatch):
+def test_stack_step_takes_the_engines_boolean_mask(cpu_kernel, stack_steps, monkeypatch):
     from elmtune.models import decode
 
     model = _prepared(torch.float16)
@@ -132,11 +106,11 @@ def test_stack_step_takes_the_engines_boolean_mask(kernel, steps, monkeypatch):
             step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1).bool()[:, None, None, :]
             outs.append(model(torch.tensor([[4], [5]]), attention_mask=step_mask, cache=cache,
                               position_ids=torch.tensor([[6], [3]])).logits)
-    assert steps == [True, False]
+    assert stack_steps == [True, False]
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
 
 
-def test_stack_step_is_not_taken_where_it_does_not_apply(kernel, steps):
+def test_stack_step_is_not_taken_where_it_does_not_apply(cpu_kernel, stack_steps):
     from peft import LoraConfig, get_peft_model
 
     ids = torch.tensor([[1, 5, 9]])
@@ -149,10 +123,10 @@ def test_stack_step_is_not_taken_where_it_does_not_apply(kernel, steps):
         with torch.no_grad():
             model(ids, cache=cache)
             model(torch.tensor([[4]]), cache=cache)
-    assert steps == [False, False]  # the fp32 and adapted models' steps were declined; a dynamic cache's never offered
+    assert stack_steps == [False, False]  # the fp32 and adapted models' stack_steps were declined; a dynamic cache's never offered
 
 
-def test_stack_step_broadcasts_one_position_and_checks_token_ids(kernel, steps, monkeypatch):
+def test_stack_step_broadcasts_one_position_and_checks_token_ids(cpu_kernel, stack_steps, monkeypatch):
     from elmtune.models import decode
 
     model = _prepared(torch.float16)
@@ -168,12 +142,12 @@ def test_stack_step_broadcasts_one_position_and_checks_token_ids(kernel, steps, 
         monkeypatch.setattr(decode, "STACK_STEP", True)
         with pytest.raises(IndexError):  # as the embedding itself refuses it
             model(torch.tensor([[4], [model.config.vocab_size]]), cache=cache)
-    assert steps[:2] == [True, False]
+    assert stack_steps[:2] == [True, False]
     assert cache.get_seq_length() == 4  # the refused step wrote nothing
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
 
 
-def test_stack_step_takes_embeddings_instead_of_ids(kernel, steps):
+def test_stack_step_takes_embeddings_instead_of_ids(cpu_kernel, stack_steps):
     model = _prepared(torch.bfloat16)
     ids = torch.tensor([[1, 5, 9, 13]])
     outs = []
@@ -184,11 +158,11 @@ def test_stack_step_takes_embeddings_instead_of_ids(kernel, steps):
             token = torch.tensor([[7]])
             given = {"inputs_embeds": model.get_input_embeddings()(token)} if by_embeddings else {"input_ids": token}
             outs.append(model(cache=cache, **given).logits)
-    assert steps == [True, True]
+    assert stack_steps == [True, True]
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # the same fp32 rows, however they come in
 
 
-def test_stack_step_follows_a_weight_replaced_between_steps(kernel, steps, monkeypatch):
+def test_stack_step_follows_a_weight_replaced_between_steps(cpu_kernel, stack_steps, monkeypatch):
     from elmtune.models import decode
 
     outs = []
@@ -202,5 +176,5 @@ def test_stack_step_follows_a_weight_replaced_between_steps(kernel, steps, monke
             projection = model.transformer.layers[0].attn.out_proj
             projection.weight.data = projection.weight.data.flip(0).contiguous()  # new storage, new values
             outs.append(model(torch.tensor([[6]]), cache=cache).logits)
-    assert steps == [True, True, False, False]
+    assert stack_steps == [True, True, False, False]
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)

@@ -14,18 +14,10 @@ from tests.helpers import tiny_model
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-@pytest.fixture
-def kernel(monkeypatch):
-    usable, reason = weights16.kernel_available()
-    if not usable:
-        pytest.skip(f"the 16-bit CPU kernel does not run here: {reason}")
-    monkeypatch.setattr(weights16, "kernel_pays", lambda *args: True)  # use it whatever this machine's probe says
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, weights16.KERNEL_ROWS, weights16.KERNEL_ROWS + 1])
 @pytest.mark.parametrize("out_features", [1, 7, 64, 130])
-def test_linear_equals_fp32_on_the_rounded_weights(kernel, dtype, rows, out_features):
+def test_linear_equals_fp32_on_the_rounded_weights(cpu_kernel, dtype, rows, out_features):
     generator = torch.Generator().manual_seed(rows * 1000 + out_features)
     x = torch.randn(rows, 40, generator=generator)
     weight = torch.randn(out_features, 40, generator=generator).to(dtype)
@@ -34,7 +26,7 @@ def test_linear_equals_fp32_on_the_rounded_weights(kernel, dtype, rows, out_feat
     torch.testing.assert_close(out, F.linear(x, weight.float()), rtol=1e-5, atol=1e-5)
 
 
-def test_linear_keeps_leading_dimensions_and_falls_back_where_the_kernel_cannot(kernel):
+def test_linear_keeps_leading_dimensions_and_falls_back_where_the_kernel_cannot(cpu_kernel):
     x = torch.randn(2, 3, 24)
     weight = torch.randn(10, 24).half()
     torch.testing.assert_close(weights16.linear(x, weight), F.linear(x, weight.float()), rtol=1e-5, atol=1e-5)
@@ -43,7 +35,7 @@ def test_linear_keeps_leading_dimensions_and_falls_back_where_the_kernel_cannot(
     torch.testing.assert_close(weights16.linear(odd, weight), F.linear(odd, weight.float()), rtol=1e-5, atol=1e-5)
 
 
-def test_linear_is_differentiable_through_the_fallback(kernel):
+def test_linear_is_differentiable_through_the_fallback(cpu_kernel):
     x = torch.randn(2, 16, requires_grad=True)
     weight = torch.randn(4, 16).half()
     weights16.linear(x, weight).sum().backward()
@@ -56,7 +48,7 @@ def _reference(dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_prepared_model_decodes_like_fp32_arithmetic_on_its_weights(kernel, dtype):
+def test_prepared_model_decodes_like_fp32_arithmetic_on_its_weights(cpu_kernel, dtype):
     model = tiny_model().to(dtype)
     reference = _reference(dtype)
     keys = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
@@ -88,7 +80,7 @@ def test_prepare_leaves_fp32_models_and_unusable_machines_alone(monkeypatch):
     assert half.transformer.norm.weight.dtype == torch.float16  # untouched: PyTorch's own 16-bit path
 
 
-def test_prepare_keeps_a_peft_adapter_working(kernel):
+def test_prepare_keeps_a_peft_adapter_working(cpu_kernel):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "out_proj", "proj_1", "proj_2",
@@ -106,7 +98,7 @@ def test_prepare_keeps_a_peft_adapter_working(kernel):
         torch.testing.assert_close(model(ids).logits, reference.eval()(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_prepared_model_gives_the_reference_evaluation_loss(kernel):
+def test_prepared_model_gives_the_reference_evaluation_loss(cpu_kernel):
     model, reference = tiny_model().half(), _reference(torch.float16)
     weights16.prepare(model)
     ids = torch.tensor([[1, 5, 9, 13, 40, 41, 7, 3]])
@@ -118,7 +110,7 @@ def test_prepared_model_gives_the_reference_evaluation_loss(kernel):
         torch.testing.assert_close(model(ids, labels=labels).loss, reference(ids, labels=labels).loss)
 
 
-def test_load_pipeline_decodes_16_bit_weights_through_the_kernel_on_a_cpu(kernel, tmp_path):
+def test_load_pipeline_decodes_16_bit_weights_through_the_kernel_on_a_cpu(cpu_kernel, tmp_path):
     from elmtune.inference import load_pipeline
     from tests.helpers import save_tiny_base
 
@@ -129,7 +121,7 @@ def test_load_pipeline_decodes_16_bit_weights_through_the_kernel_on_a_cpu(kernel
     assert type(kept.model.transformer.layers[0].attn.qkv_proj) is torch.nn.Linear
 
 
-def test_a_prepared_model_cast_to_fp32_still_computes_right(kernel):
+def test_a_prepared_model_cast_to_fp32_still_computes_right(cpu_kernel):
     model = tiny_model().half()
     weights16.prepare(model)
     model.float()  # Linear16 keeps its class, now over fp32 weights: the kernel must not read them as 16-bit

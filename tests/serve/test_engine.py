@@ -147,34 +147,23 @@ def test_greedy_batch_equals_complete_alone(penalty, attention):
                (alone.output, alone.finish_reason, alone.completion_tokens), prompt
 
 
-def test_a_prepared_cpu_model_decodes_through_the_c_step_with_the_reference_answers(monkeypatch):
+def test_a_prepared_cpu_model_decodes_through_the_c_step_with_the_reference_answers(cpu_kernel, stack_steps,
+                                                                                    monkeypatch):
     """A 16-bit model prepared for CPU decoding (what load_pipeline serves on a CPU): the engine's steps — rows of
     different lengths, its boolean padding mask — go through the C decode step and answer as the operator path."""
     from elmtune.inference import SamplingOptions, complete
-    from elmtune.models import decode, openelm, weights16
+    from elmtune.models import decode, weights16
 
-    usable, reason = weights16.kernel_available()
-    if not usable:
-        pytest.skip(f"the 16-bit CPU kernel does not run here: {reason}")
-    monkeypatch.setattr(weights16, "kernel_pays", lambda *args: True)
     pipeline = tiny_pipeline()
     pipeline.model.half()
     assert weights16.prepare(pipeline.model)
-    taken = []
-
-    def counting(*args):
-        out = decode.stack_step(*args)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(openelm, "stack_step", counting)
     engine = Engine(pipeline.model, pipeline.tokenizer, batch_wait_ms=300)
     try:
         answers = run_all(engine, [(encode(pipeline, p), None, Sampling(max_tokens=10, temperature=0))
                                    for p in PROMPTS])
     finally:
         engine.close()
-    assert engine.prefills == 1 and taken and all(taken)
+    assert engine.prefills == 1 and stack_steps and all(stack_steps)
     monkeypatch.setattr(decode, "STACK_STEP", False)  # the reference: every operator in PyTorch
     for prompt, (text, info) in zip(PROMPTS, answers):
         [alone] = complete(pipeline, [prompt], SamplingOptions(max_new_tokens=10, repetition_penalty=1.0))
