@@ -145,12 +145,12 @@ def stack_step(model, input_ids: torch.Tensor | None, inputs_embeds: torch.Tenso
     mask = _step_mask(attention_mask, b, length + 1)
     if mask is False:
         return None
-    plan = _PLANS.get(cache)
-    if plan is None or plan.model is not model or not plan.current():  # ~2 ms for the 270M model: once per cache
+    known, plan = _PLANS.get(cache, (None, None))
+    if known is not model or plan is not None and not plan.current():  # ~2 ms for the 270M model: once per cache
         plan = _stack_plan(model)
-        if plan is None:
-            return None
-        _PLANS[cache] = plan
+        _PLANS[cache] = (model, plan)  # a model the step does not take is not surveyed again at every step
+    if plan is None:
+        return None
     if any(c._keys.shape[1::2] != (hkv, plan.head_dim) or c._values.shape != c._keys.shape
            for c, hkv in zip(layers, plan.dims[1::4])):
         return None
@@ -185,8 +185,8 @@ def stack_step(model, input_ids: torch.Tensor | None, inputs_embeds: torch.Tenso
     return h.reshape(b, 1, width)
 
 
-#: Each cache's plan (see :class:`_StackPlan`), made at its first step; weakly keyed, so a copied cache makes its
-#: own and a finished one takes its plan with it.
+#: Each cache's (model, plan or None where the step does not take that model; see :class:`_StackPlan`), made at
+#: its first step; weakly keyed, so a copied cache makes its own and a finished one takes its plan with it.
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -110,8 +110,14 @@ def test_stack_step_takes_the_engines_boolean_mask(cpu_kernel, stack_steps, monk
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
 
 
-def test_stack_step_is_not_taken_where_it_does_not_apply(cpu_kernel, stack_steps):
+def test_stack_step_is_not_taken_where_it_does_not_apply(cpu_kernel, stack_steps, monkeypatch):
     from peft import LoraConfig, get_peft_model
+
+    from elmtune.models import decode
+
+    surveys = []
+    survey = decode._stack_plan
+    monkeypatch.setattr(decode, "_stack_plan", lambda model: surveys.append(model) or survey(model))
 
     ids = torch.tensor([[1, 5, 9]])
     fp32, prepared = tiny_model(), _prepared(torch.float16)
@@ -123,7 +129,9 @@ def test_stack_step_is_not_taken_where_it_does_not_apply(cpu_kernel, stack_steps
         with torch.no_grad():
             model(ids, cache=cache)
             model(torch.tensor([[4]]), cache=cache)
-    assert stack_steps == [False, False]  # the fp32 and adapted models' stack_steps were declined; a dynamic cache's never offered
+            model(torch.tensor([[5]]), cache=cache)
+    # the fp32 and adapted models' steps were declined, each model surveyed once; a dynamic cache's never offered
+    assert stack_steps == [False] * 4 and len(surveys) == 2
 
 
 def test_stack_step_broadcasts_one_position_and_checks_token_ids(cpu_kernel, stack_steps, monkeypatch):
