@@ -68,8 +68,11 @@ static inline __attribute__((always_inline)) float row_dot(const float *x, const
     return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
+/* guided: big shares first, then rows of 16 to whichever thread is free, so a core slowed by a neighbour on a
+ * shared machine does not hold the other at the barrier (1.5-4% faster than equal halves over a 270M model's
+ * weights on a 2-core AVX2 EPYC VM, in three interleaved runs) */
 static void single_row(const float *x, const uint16_t *w, float *y, int64_t N, int64_t K, int bf16, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
+    #pragma omp parallel for num_threads(threads) schedule(guided, 16)
     for (int64_t n = 0; n < N; n++)
         y[n] = bf16 ? row_dot(x, w + n * K, K, 1) : row_dot(x, w + n * K, K, 0);
 }
