@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,17 @@ def test_chat_page_streams_a_reply(server):
         page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
             const out = document.querySelector('.msg.assistant'); if (out) window.seen.push(out.textContent);
         }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true}); }""")
-        page.fill("#text", "say a b")
-        page.press("#text", "Enter")
-        page.wait_for_selector(".msg.assistant[data-state=done]", timeout=30_000)
+        # each decode step paced at 20 ms, so the page gets the tokens apart even when the whole reply would
+        # otherwise be decoded before the browser renders once (a tiny model on a loaded machine)
+        engine = server.state.engine
+        step = engine._step
+        engine._step = lambda batch: (time.sleep(0.02), step(batch))[-1]
+        try:
+            page.fill("#text", "say a b")
+            page.press("#text", "Enter")
+            page.wait_for_selector(".msg.assistant[data-state=done]", timeout=30_000)
+        finally:
+            del engine._step
         reply = page.text_content(".msg.assistant")
         seen = page.evaluate("window.seen")
         assert page.text_content(".msg.user") == "say a b"
