@@ -39,7 +39,7 @@ from torch import nn
 
 log = logging.getLogger("elmtune")
 
-#: The C sources of elmtune's CPU kernel library: the 16-bit-weight product, and a decoder layer's decode step
+#: The C sources of elmtune's CPU kernel library: the 16-bit-weight product, and the one-token decode step
 #: built on it (used by :func:`elmtune.models.decode.stack_step`).
 SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("gemv16.c", "decode_step.c"))
 #: The CPU flags the kernel is compiled for (/proc/cpuinfo names).
