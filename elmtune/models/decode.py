@@ -15,9 +15,9 @@ It is an exact rewrite of the reference path (dynamic cache): the same greedy to
 On a CPU, a model prepared for 16-bit weights with fp32 arithmetic (:func:`elmtune.models.weights16.prepare`:
 what ``generate``, ``chat`` and ``serve`` load there) takes its one-token steps through :func:`stack_step`: the
 embedding, every decoder layer and the final norm in one call into :file:`kernels/decode_step.c`, instead of ~50
-PyTorch operators per layer.  Measured per 270M step at batch 1 on a 2-core AVX2 EPYC, those operators cost ~20
-ms on top of the ~30 ms the weights take to stream — each 5-35 µs with the caches just flushed by that stream —
-and the C step brings the stack to within ~1-2 ms of the stream alone.  It writes the same cache buffers and
+PyTorch operators per layer.  Measured per 270M step at batch 1 on a 2-core AVX2 EPYC, those operators cost ~18
+ms on top of the ~30 ms the weights take to stream — ~8 µs each, ~16 µs with the caches just flushed by that
+stream — and the C step over the layers takes 0.1-2.6 ms more than streaming their weights alone.  It writes the same cache buffers and
 computes the reference arithmetic in the same order, equal up to fp32 summation order (tests/models/test_decode.py
 and the server's tests/serve/test_engine.py hold it to the operator path's tokens and logits).  Elsewhere (GPUs,
 fp32 or PEFT-wrapped models, other caches) decode steps go through the operators as written in openelm.py.
@@ -194,7 +194,6 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 class _StackPlan:
     """What :func:`stack_step` hands the C step for a model, in its argument order (see decode_step.c)."""
 
-    model: object
     modules: list  # every module whose weight the pointers below point into ...
     tensors: list  # ... those weights, held: a replaced weight is never freed under the C step ...
     pointers: list  # ... and their data pointers when the plan was made
@@ -250,7 +249,7 @@ def _stack_plan(model) -> _StackPlan | None:
              and embedding.weight.is_contiguous())
     modules = [*projections, *norms, *([embedding] if plain else [])]
     tensors = [module.weight for module in modules]
-    return _StackPlan(model=model, modules=modules, tensors=tensors, pointers=[t.data_ptr() for t in tensors],
+    return _StackPlan(modules=modules, tensors=tensors, pointers=[t.data_ptr() for t in tensors],
                       weights=(ctypes.c_void_p * len(weights))(*weights), dims=(ctypes.c_int64 * len(dims))(*dims),
                       table=embedding.weight.data_ptr() if plain else None, vocab=embedding.weight.shape[0],
                       final_norm=model.norm.weight.data_ptr(),

@@ -1,7 +1,7 @@
 /* A decode step of OpenELM's decoder stack — one new token per sequence — in one call from Python.
  *
  * Eager PyTorch spends ~50 operator calls per layer on a decode step (norms, views, RoPE, the cache write, SDPA,
- * the gated activation, residual adds), each ~5-20 µs with caches just flushed by the weights' stream: ~20 ms per
+ * the gated activation, residual adds), ~16 µs each with caches just flushed by the weights' stream: ~18 ms per
  * step of the 270M model against the ~30 ms its weights take to stream from memory.  Here the whole stack is one
  * C function over the same buffers:
  *
